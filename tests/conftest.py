@@ -59,3 +59,24 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env
+
+
+WRITE_TOKEN = "hf_alice_write_token_0123456789"
+OTHER_TOKEN = "hf_bob_token_0123456789"
+
+
+@pytest.fixture(scope="session")
+def hub_server(session_dir):
+    """A local server speaking the Hub API subset that huggingface_hub uses (see tests/hub_server.py)."""
+    from hub_server import HubServer
+
+    with HubServer({WRITE_TOKEN: "alice", OTHER_TOKEN: "bob"}) as server:
+        yield server
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,1 @@
+"""What turns this repository into a Hugging Face Space: defaults, and the publish command."""
