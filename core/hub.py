@@ -105,7 +105,7 @@ def save(loaded: LoadedModel, folder: str | Path, facts: CardFacts = CardFacts()
 def saved_for(loaded: LoadedModel, folder: Path) -> bool:
     marker = folder / SAVE_MARKER
     try:
-        return json.loads(marker.read_text()) == fingerprint(loaded)
+        return json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint(loaded)))  # tuples as lists
     except (OSError, ValueError):
         return False
 
@@ -198,8 +198,11 @@ def default_save_folder(repo_or_name: str) -> Path:
 
 def push(loaded: LoadedModel, repo_id: str, token: str | None, private: bool = True,
          commit_message: str = "Upload quantized model", folder: str | Path | None = None,
-         facts: CardFacts = CardFacts()) -> PushResult:
-    """Saves (unless `folder` already holds this model), creates the repo if missing, uploads in one commit."""
+         facts: CardFacts = CardFacts(), endpoint: str | None = None) -> PushResult:
+    """Saves (unless `folder` already holds this model), creates the repo if missing, uploads in one commit.
+
+    `endpoint` overrides HF_ENDPOINT (a private Hub, or the local test server).
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -219,7 +222,7 @@ def push(loaded: LoadedModel, repo_id: str, token: str | None, private: bool = T
     if saved_again:
         save(loaded, target, facts)
     _fill_repo_id(target, repo_id)
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint, token=token)
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(folder_path=target, repo_id=repo_id, repo_type="model",

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from conftest import OTHER_TOKEN, QUESTION, ROOT, WRITE_TOKEN, free_port, subprocess_env
+from conftest import OTHER_TOKEN, QUESTION, WRITE_TOKEN
 
 DEFAULT_FIELDS = dict(model="", revision="", dtype="auto", quant="none", compute_dtype="auto", double_quant=False,
                       quant_storage="uint8", int8_threshold=6.0, skip_modules="", fp32_cpu_offload=False,
@@ -22,39 +17,6 @@ GREEDY = dict(max_new_tokens=16, greedy=True, temperature=0.7, top_p=0.9, top_k=
 
 def fields(**changes) -> list:
     return list({**DEFAULT_FIELDS, **changes}.values())
-
-
-@pytest.fixture(scope="module")
-def app_url(checkpoint, hub_server, session_dir):
-    port = free_port()
-    env = subprocess_env(**{**hub_server.env(session_dir / "app-hf-home"), "HF_HUB_OFFLINE": "0",
-                            "HF_TOKEN": WRITE_TOKEN, "GRADIO_SERVER_PORT": str(port), "APP_PRELOAD": "1"})
-    log = open(session_dir / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"app exited: {(session_dir / 'app.log').read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        raise RuntimeError("app did not start in 180 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
-    assert WRITE_TOKEN not in (session_dir / "app.log").read_text()  # secrets never reach the log
-
-
-@pytest.fixture(scope="module")
-def client(app_url):
-    from gradio_client import Client
-
-    return Client(app_url, verbose=False)
 
 
 def ask(client, message=QUESTION, history=()) -> tuple[list[dict], str]:
