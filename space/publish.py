@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = publish(args.repo_id, token=get_token(), private=args.private, hardware=args.hardware)
     except Exception as error:  # one line for the terminal; the token is never part of it
-        from core.hub import explain_hub_error
+        from core.hub_errors import explain_hub_error
 
         print(f"error: {explain_hub_error(error, args.repo_id)}", file=sys.stderr)
         return 2
