@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from core import compare as core_compare
-from core import fastpath, generation, hub, placement
+from core import fastpath, fit, generation, hub, placement, quality
 from core.engine import Engine
 from core.errors import EngineError, NoModelLoadedError
 from core.spec import (GenerationSpec, LoadSpec, QuantSpec, parse_device_map, parse_max_memory, parse_model)
@@ -80,6 +80,26 @@ def load_spec(model: str, revision: str, dtype: str, quant: str, compute_dtype: 
 @ui_errors
 def plan_model(*fields) -> str:
     return render.plan(placement.plan(load_spec(*fields)))
+
+
+@ui_errors
+def check_fit(*fields_and_sizes) -> tuple[str, dict, list]:
+    *fields, context_length, batch_size = fields_and_sizes
+    report = fit.estimate(load_spec(*fields), context_length=int(context_length), batch_size=int(batch_size))
+    labels = [f.label for f in report.fixes]
+    return render.fit_report(report), gr.update(choices=labels, value=labels[0] if labels else None), \
+        list(report.fixes)
+
+
+@ui_errors
+def apply_fix(label: str, fixes: list) -> tuple:
+    """Sets the form to the chosen fix: quantization, fp32 CPU offload, budget and context length."""
+    chosen = next((f for f in fixes or [] if f.label == label), None)
+    if chosen is None:
+        raise gr.Error("Run 'Will it fit?' first, then pick a fix.", title="No fix chosen")
+    spec = chosen.spec
+    return spec.quant.mode, spec.quant.fp32_cpu_offload, render.max_memory_text(dict(spec.max_memory)), \
+        chosen.context_length
 
 
 @ui_errors
@@ -180,6 +200,13 @@ def current_status() -> tuple[str, bool]:
     return render.load(ENGINE.current.report, state), state.enabled
 
 
+@ui_errors
+def quality_check(progress=gr.Progress()) -> str:
+    with ENGINE.lock:
+        report = quality.check(ENGINE, progress=lambda fraction, message: progress(fraction, desc=message))
+    return render.quality_report(report)
+
+
 def on_space() -> bool:
     return bool(os.environ.get("SPACE_ID") or os.environ.get("OAUTH_CLIENT_ID"))
 
@@ -218,9 +245,19 @@ def build() -> gr.Blocks:
                 plan_button = gr.Button("Plan")
                 load_button = gr.Button("Load", variant="primary")
             plan_out = gr.Markdown()
+            with gr.Accordion("Will it fit? (weights + KV cache + activations)", open=False):
+                with gr.Row():
+                    context_length = gr.Number(value=2048, precision=0, label="Context length (tokens)")
+                    batch_size = gr.Number(value=1, precision=0, label="Batch size")
+                    fit_button = gr.Button("Will it fit?")
+                fit_out = gr.Markdown()
+                with gr.Row():
+                    fix_choice = gr.Dropdown([], label="Fix", interactive=True, scale=3)
+                    fix_button = gr.Button("Apply fix", scale=1)
+                fixes = gr.State([])
             load_out = gr.Markdown("No model loaded yet.")
         with gr.Tab("Generate"):
-            chatbot = gr.Chatbot(label="Chat", height=380)
+            chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chat")
             with gr.Row():
                 message = gr.Textbox(label="Message", placeholder="What is the capital of France?", scale=4)
                 send = gr.Button("Send", variant="primary", scale=1)
@@ -268,9 +305,17 @@ def build() -> gr.Blocks:
                 compare_tokens = gr.Slider(8, 256, value=32, step=1, label="Max new tokens")
             compare_button = gr.Button("Compare", variant="primary")
             compare_out = gr.Markdown()
+            gr.Markdown("**Quality check**: perplexity and next-token agreement of the loaded model against the "
+                        "same model in full precision, on a short public-domain text shipped with the app.")
+            quality_button = gr.Button("Run quality check")
+            quality_out = gr.Markdown()
 
         demo.load(current_status, None, [load_out, fast_toggle], api_name=False)
         plan_button.click(plan_model, fields, plan_out, api_name="plan")
+        fit_button.click(check_fit, [*fields, context_length, batch_size], [fit_out, fix_choice, fixes],
+                         api_name="check_fit")
+        fix_button.click(apply_fix, [fix_choice, fixes], [quant, fp32_cpu_offload, max_memory, context_length],
+                         api_name=False)
         load_button.click(load_model, fields, [load_out, fast_toggle], api_name="load_model")
         fast_toggle.input(set_fast_path, fast_toggle, fast_out, api_name="set_fast_path")
         sampling = [max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, system_prompt]
@@ -282,6 +327,7 @@ def build() -> gr.Blocks:
         clear.click(lambda: ([], ""), None, [chatbot, metrics], api_name=False)
         save_button.click(save_model, folder, save_out, api_name="save_model")
         push_button.click(push_to_hub, [repo_id, private, commit_message], push_out, api_name="push_to_hub")
+        quality_button.click(quality_check, None, quality_out, api_name="quality")
         compare_button.click(compare_variants, [compare_prompt, compare_modes, compare_tokens], compare_out,
                              api_name="compare")
     demo.queue(default_concurrency_limit=1)  # one GPU: requests are served in turn, with queue positions

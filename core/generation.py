@@ -196,6 +196,7 @@ def generate(loaded: LoadedModel, prompts: Sequence[Prompt], spec: GenerationSpe
     ids = tuple(tuple(_strip_padding(row.tolist(), loaded.tokenizer.pad_token_id)) for row in new)
     texts = tuple(loaded.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids)
     metrics = _metrics(loaded, clock, ended, prompt_len, new.shape[1], new.shape[0])
+    loaded.facts["last_generation"] = (prompts[0] if isinstance(prompts[0], str) else None, texts[0], metrics)
     return GenerationResult(texts=texts, token_ids=ids, metrics=metrics)
 
 
@@ -243,4 +244,6 @@ def stream(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec = Generatio
     prompt_len = inputs["input_ids"].shape[1]
     new_tokens = output[0].shape[1] - prompt_len if output else 0
     metrics = _metrics(loaded, clock, ended, prompt_len, new_tokens, 1)
+    loaded.facts["last_generation"] = (prompt if isinstance(prompt, str) else prompt[-1]["content"], text.strip(),
+                                       metrics)
     yield StreamUpdate(text=text.strip(), done=True, metrics=metrics, cancelled=cancel.is_set())

@@ -87,12 +87,13 @@ def guard(loaded: LoadedModel) -> list[str]:
     return problems
 
 
-def save(loaded: LoadedModel, folder: str | Path, facts: CardFacts = CardFacts()) -> SaveResult:
+def save(loaded: LoadedModel, folder: str | Path, facts: CardFacts | None = None) -> SaveResult:
     """Reverses the fast path, then writes the canonical checkpoint, tokenizer and card to `folder`."""
     problems = guard(loaded)
     if problems:
         raise SaveError(" ".join(problems))
     fastpath.reverse(loaded)
+    facts = facts if facts is not None else facts_from(loaded)
     target = Path(folder).expanduser()
     target.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(target)
@@ -193,13 +194,30 @@ def _base_license(loaded: LoadedModel) -> str | None:
         return None
 
 
+SAMPLE_PROMPT = "What is the capital of France?"
+
+
+def facts_from(loaded: LoadedModel) -> CardFacts:
+    """What the card records: the last measured speed, the quality check if run, and one sample answer."""
+    from core import generation
+    from core.spec import GenerationSpec
+
+    metrics = loaded.facts.get("last_generation", (None, None, None))[2]
+    quality = loaded.facts.get("quality")
+    sample = generation.generate(loaded, [SAMPLE_PROMPT], GenerationSpec(greedy=True, max_new_tokens=48))
+    metrics = metrics or sample.metrics
+    return CardFacts(decode_tokens_per_s=metrics.decode_tokens_per_s, ttft_s=metrics.ttft_s,
+                     device=str(loaded.input_device), sample_prompt=SAMPLE_PROMPT, sample_answer=sample.texts[0],
+                     quality=quality.as_card_facts() if quality else {})
+
+
 def default_save_folder(repo_or_name: str) -> Path:
     return default_model.cache_root() / "saved" / repo_or_name.replace("/", "--")
 
 
 def push(loaded: LoadedModel, repo_id: str, token: str | None, private: bool = True,
          commit_message: str = "Upload quantized model", folder: str | Path | None = None,
-         facts: CardFacts = CardFacts(), endpoint: str | None = None) -> PushResult:
+         facts: CardFacts | None = None, endpoint: str | None = None) -> PushResult:
     """Saves (unless `folder` already holds this model), creates the repo if missing, uploads in one commit.
 
     `endpoint` overrides HF_ENDPOINT (a private Hub, or the local test server).

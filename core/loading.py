@@ -45,7 +45,7 @@ class LoadedModel:
     """A model in memory with its tokenizer, the spec it came from and its load report.
 
     `canonical` holds the settings the fast path changed, so that reverse can restore them;
-    it is owned by core.fastpath.
+    it is owned by core.fastpath. `facts` holds measurements for the model card.
     """
 
     model: Any
@@ -53,6 +53,7 @@ class LoadedModel:
     spec: LoadSpec
     report: LoadReport
     canonical: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)  # measured while loaded: last generation, quality
 
     @property
     def input_device(self):

@@ -2,7 +2,7 @@
 
     python -m space.publish your-name/quantized-llm [--private] [--hardware l4x1]
 
-The token comes from HF_TOKEN or the cached `hf auth login`. The Space gets app.py, core/, ui/,
+The token comes from HF_TOKEN or the cached `hf auth login`. The Space gets app.py, core/ (with its data), ui/,
 space/defaults.py, space/README.md as its README.md (the front matter that configures it) and
 space/requirements.txt as its requirements.txt; files that are no longer part of it are deleted.
 """
@@ -25,8 +25,9 @@ def space_files(root: Path = ROOT) -> dict[str, Path]:
     """Path in the Space -> file here."""
     files = {name: root / name for name in EXTRA}
     for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            files[path.relative_to(root).as_posix()] = path
+        for path in sorted((root / package).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                files[path.relative_to(root).as_posix()] = path
     files.update({target: root / source for source, target in RENAMED.items()})
     return files
 
@@ -45,7 +46,7 @@ def publish(repo_id: str, token: str | None = None, private: bool = False, hardw
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
         commit = api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="space",
-                                   commit_message="Publish the app", delete_patterns=["*.py", "**/*.py"])
+                                   commit_message="Publish the app", delete_patterns=["*.py", "**/*.py", "core/data/*"])
     return commit.commit_url
 
 

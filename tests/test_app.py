@@ -94,3 +94,19 @@ def test_push_to_local_hub_and_bad_repo(client, hub_server):
     with pytest.raises(AppError, match="not valid"):
         client.predict("no namespace here!", True, "x", api_name="/push_to_hub")
     assert OTHER_TOKEN  # bob exists on the server; alice's token just may not write there
+
+
+def test_check_fit_says_what_is_missing_and_offers_fixes(client):
+    result = client.predict(*fields(max_memory="0=300MB"), 8192, 1, api_name="/check_fit")
+    shown = result[0] if isinstance(result, (list, tuple)) else result
+    assert "Does not fit: needs" in shown and "more on cuda:0" in shown and "KV cache" in shown
+    assert "Quantize to 4-bit NF4" in shown
+    fits = client.predict(*fields(quant="nf4"), 512, 1, api_name="/check_fit")
+    assert "✅ **Fits**" in (fits[0] if isinstance(fits, (list, tuple)) else fits)
+
+
+def test_quality_check_compares_with_full_precision(client):
+    client.predict(*fields(quant="int8"), api_name="/load_model")
+    shown = client.predict(api_name="/quality")
+    assert "Quality of int8" in shown and "next-token agreement" in shown and "| 100% |" in shown
+    assert "Paris" in answer(client)

@@ -6,10 +6,12 @@ from collections.abc import Sequence
 
 from core.compare import VariantResult
 from core.fastpath import FastPathState
+from core.fit import FitReport
 from core.generation import GenerationMetrics
 from core.hub import PushResult, SaveResult
 from core.loading import LoadReport
 from core.placement import PlacementPlan, device_label
+from core.quality import QualityReport
 
 
 def mib(size: float) -> str:
@@ -74,3 +76,36 @@ def comparison(rows: Sequence[VariantResult]) -> str:
         lines.append(f"| {row.quantization} | {answer} | {row.decode_tokens_per_s:.1f} | {mib(row.footprint_bytes)} "
                      f"| {agreement} |")
     return "\n".join(lines)
+
+
+def fit_report(report: FitReport) -> str:
+    head = "✅ **Fits**" if report.fits else f"❌ **{report.verdict().capitalize()}**"
+    lines = [f"{head} · `{report.model}` · {report.quantization} · context {report.context_length} · "
+             f"batch {report.batch_size}", ""]
+    if report.devices:
+        lines += ["| device | weights | KV cache | activations | total | budget |", "|---|---|---|---|---|---|"]
+        for d in report.devices:
+            budget = mib(d.budget) if d.budget else "all free"
+            lines.append(f"| {device_label(d.device)} | {mib(d.weights)} | {mib(d.kv_cache)} | {mib(d.activations)} "
+                         f"| {mib(d.total)} | {budget} |")
+    if report.offloaded:
+        lines += ["", f"⚠️ {len(report.offloaded)} module(s) would run on the CPU/disk because the GPU budget is "
+                      f"full: {', '.join(report.offloaded[:6])}{' …' if len(report.offloaded) > 6 else ''}. "
+                      "That works, but each step moves them over PCIe: expect it to be much slower."]
+    if report.fixes:
+        lines += ["", "**Smallest changes that fit** (pick one below and press *Apply fix*):"]
+        lines += [f"- {fix.label}" for fix in report.fixes]
+    return "\n".join(lines)
+
+
+def quality_report(report: QualityReport) -> str:
+    return "\n".join([
+        f"**Quality of {report.quantization}** on the shipped sample ({report.tokens} tokens)", "",
+        "| | this model | full precision |", "|---|---|---|",
+        f"| perplexity | {report.perplexity:.2f} | {report.reference_perplexity:.2f} |",
+        f"| next-token agreement with full precision | {report.agreement:.1%} | 100% |",
+    ])
+
+
+def max_memory_text(budget: dict) -> str:
+    return ", ".join(f"{device}={size / 1e6:g}MB" for device, size in budget.items())
