@@ -66,7 +66,8 @@ def ui_errors(handler: Callable) -> Callable:
 
 def load_spec(model: str, revision: str, dtype: str, quant: str, compute_dtype: str, double_quant: bool,
               quant_storage: str, int8_threshold: float, skip_modules: str, fp32_cpu_offload: bool,
-              device_map: str, max_memory: str, fast_path: bool, trust_remote_code: bool) -> LoadSpec:
+              device_map: str, max_memory: str, fast_path: bool, fast_path_compile: bool,
+              trust_remote_code: bool) -> LoadSpec:
     skip = tuple(s.strip() for s in (skip_modules or "").split(",") if s.strip())
     return LoadSpec(
         model=parse_model(model), revision=(revision or "").strip() or None, dtype=dtype,
@@ -74,7 +75,8 @@ def load_spec(model: str, revision: str, dtype: str, quant: str, compute_dtype: 
                         quant_storage=quant_storage, int8_threshold=float(int8_threshold), skip_modules=skip,
                         fp32_cpu_offload=bool(fp32_cpu_offload)),
         device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
-        fast_path=bool(fast_path), trust_remote_code=bool(trust_remote_code))
+        fast_path=bool(fast_path), fast_path_compile=bool(fast_path_compile),
+        trust_remote_code=bool(trust_remote_code))
 
 
 @ui_errors
@@ -238,9 +240,11 @@ def build() -> gr.Blocks:
                                          allow_custom_value=True, label="Device map")
                 max_memory = gr.Textbox(label="Max memory per device", placeholder="0=600MB, 1=1GiB, cpu=8GB")
                 fast_path = gr.Checkbox(label="Fast path", value=False)
+                fast_path_compile = gr.Checkbox(label="GPU: compile the decode step (~40 s once, +25%)", value=False)
                 trust_remote_code = gr.Checkbox(label="Trust remote code", value=False)
             fields = [model, revision, dtype, quant, compute_dtype, double_quant, quant_storage, int8_threshold,
-                      skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path, trust_remote_code]
+                      skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path, fast_path_compile,
+                      trust_remote_code]
             with gr.Row():
                 plan_button = gr.Button("Plan")
                 load_button = gr.Button("Load", variant="primary")

@@ -110,8 +110,7 @@ def weight_bytes(loaded) -> int:
 def measure(loaded, prompts, new_tokens: int, repeats: int) -> tuple[generation.GenerationResult, list[float]]:
     spec = GenerationSpec(greedy=True, max_new_tokens=new_tokens, use_chat_template=False)
     generation.generate(loaded, prompts, GenerationSpec(greedy=True, max_new_tokens=8, use_chat_template=False),
-                        min_new_tokens=8)  # warm-up (and compile, for the fast path)
-    generation.generate(loaded, prompts, spec, min_new_tokens=new_tokens)
+                        min_new_tokens=8)  # warm-up: graph capture (and compile) for the fast path
     results = [generation.generate(loaded, prompts, spec, min_new_tokens=new_tokens) for _ in range(repeats)]
     rates = sorted(r.metrics.decode_tokens_per_s for r in results)
     return results[len(results) // 2], rates
@@ -139,13 +138,15 @@ def run(args: argparse.Namespace) -> list[Row]:
             prompt = loaded.tokenizer.decode(ids)
             for batch in [int(b) for b in args.batch.split(",")]:
                 outputs = {}
-                for path in ("plain", "fast"):
-                    if path == "fast":
-                        state = fastpath.enable(loaded)
-                        detail = f"{state.attn_implementation}+{state.cache_implementation}"
-                    else:
-                        state = fastpath.reverse(loaded)
-                        detail = f"{state.attn_implementation}+{state.cache_implementation}"
+                paths = ["plain", "fast"] + (["fast+compile"] if args.compile and batch == 1 and quant in
+                                             args.compile.split(",") else [])
+                for path in paths:
+                    fastpath.reverse(loaded)
+                    if path != "plain":
+                        fastpath.enable(loaded, fastpath.choose(loaded, compile_step=path == "fast+compile"))
+                    state = fastpath.state(loaded)
+                    detail = f"{state.attn_implementation}+{state.cache_implementation}" + (
+                        "+graph" if state.cuda_graph else "") + ("+compile" if state.compiled else "")
                     try:
                         result, rates = measure(loaded, [prompt] * batch, args.new, args.repeats)
                     except Exception as error:  # a failing variant is a row, not the end of the run
@@ -158,12 +159,11 @@ def run(args: argparse.Namespace) -> list[Row]:
                     rows.append(Row(model_name, quant, batch, path, load_s, m.ttft_s * 1000, m.decode_tokens_per_s,
                                     loaded.report.footprint_bytes / 2**20, m.peak_memory_bytes / 2**20,
                                     100 * steps / roofline if roofline else 0.0, "", detail))
-                same = "yes" if outputs.get("plain") == outputs.get("fast") else "NO"
-                for row in rows[-2:]:
-                    if row.batch == batch and row.quant == quant and not row.same_greedy:
-                        row.same_greedy = same
+                for row in rows[-len(paths):]:
+                    if row.path in outputs and not row.same_greedy:
+                        row.same_greedy = "yes" if outputs[row.path] == outputs.get("plain") else "NO"
                 fastpath.reverse(loaded)
-                print(table(rows[-2:], header=not rows[:-2]), flush=True)
+                print(table(rows[-len(paths):], header=len(rows) == len(paths)), flush=True)
             del loaded
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -206,10 +206,11 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default="/tmp/llm-bench", help="where random checkpoints are built")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for random checkpoints")
+    parser.add_argument("--compile", default="", help="quantizations that also get a fast+compile row (batch 1)")
     parser.add_argument("--results", default=None, help="append the table to this Markdown file")
     parser.add_argument("--json", default=None, help="write rows as JSON here")
     args = parser.parse_args()

@@ -3,10 +3,6 @@
 Importable without gradio. Modules: spec (requests and parsing), default_model (the embedded
 SmolLM2), source (where a model comes from), quantization (bitsandbytes configs), placement
 (device-map plans), loading, fastpath, generation, engine (the one model in memory), hub (save,
-card, push), fit (will-it-fit estimates), quality (perplexity and agreement), cli.
+card, push), cuda_graphs (the graphed decode step), fit (will-it-fit estimates), quality
+(perplexity and agreement), compare, cli.
 """
-
-import warnings
-
-# bitsandbytes repeats this on every int8 matmul with fp32 inputs on the CPU; it is expected, not news.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

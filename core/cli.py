@@ -29,6 +29,7 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-map", default="auto")
     parser.add_argument("--max-memory", default="", help="like '0=600MB,1=1GiB,cpu=8GB'")
     parser.add_argument("--fast-path", action="store_true")
+    parser.add_argument("--fast-path-compile", action="store_true", help="GPU: also compile the graphed decode step")
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -39,7 +40,8 @@ def load_spec_from(args: argparse.Namespace) -> LoadSpec:
                       fp32_cpu_offload=args.fp32_cpu_offload)
     return LoadSpec(model=parse_model(args.model), revision=args.revision or None, dtype=args.dtype, quant=quant,
                     device_map=parse_device_map(args.device_map), max_memory=parse_max_memory(args.max_memory),
-                    fast_path=args.fast_path, trust_remote_code=args.trust_remote_code)
+                    fast_path=args.fast_path, fast_path_compile=args.fast_path_compile,
+                    trust_remote_code=args.trust_remote_code)
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -3,8 +3,8 @@
 BetterTransformer (`model.to_bettertransformer()`, optimum) swapped attention modules for fused
 kernels and had to be reversed before saving. transformers 5 removed it: fused attention is now an
 attention implementation chosen per model (`set_attn_implementation`), and decode speed comes from a
-static KV cache whose fixed shapes let the decode step be compiled (`cache_implementation="static"`,
-which makes `generate()` compile the step and replay it as a CUDA graph).
+static KV cache whose fixed shapes let the decode step be compiled (a static KV cache and a decode step
+replayed as a CUDA graph (core.cuda_graphs), optionally of a compiled forward).
 
 The fast path here changes only those settings, never a weight or a module, so `reverse` restores
 the canonical model exactly: same module tree, same config, bitwise-equal state dict. The choice is
@@ -13,9 +13,13 @@ made once per model with the reason recorded (`FastPathState.reason`), and can b
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from core.loading import LoadedModel
+
+
+INT8_LOGGER = "bitsandbytes.autograd._functions"
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,9 @@ class FastPathChoice:
     attn_implementation: str
     cache_implementation: str | None  # None: transformers' default dynamic cache
     reason: str
+    cuda_graph: bool = False  # decode step captured as a CUDA graph (core.cuda_graphs)
+    compile_step: bool = False  # ... of a torch.compile'd forward (~40 s once per batch size, +25%)
+    quiet_int8_log: bool = False  # bitsandbytes logs a line per int8 matmul of a 16-bit model: ~80 ms a token
 
 
 @dataclass(frozen=True)
@@ -31,59 +38,65 @@ class FastPathState:
     attn_implementation: str
     cache_implementation: str
     compiled: bool
+    cuda_graph: bool
     reason: str
 
     def summary(self) -> str:
         mode = "on" if self.enabled else "off"
-        compiled = ", compiled decode step (CUDA graph)" if self.compiled else ""
+        extra = ""
+        if self.cuda_graph:
+            extra = ", decode step as a CUDA graph" + (" of a compiled forward" if self.compiled else "")
         return (f"Fast path {mode}: attention '{self.attn_implementation}', {self.cache_implementation} KV cache"
-                f"{compiled}. {self.reason}")
+                f"{extra}. {self.reason}")
 
 
 def _on_gpu(loaded: LoadedModel) -> bool:
     return loaded.input_device.type == "cuda"
 
 
-def _offloaded(loaded: LoadedModel) -> bool:
-    return bool(loaded.report.offloaded)
-
-
-def choose(loaded: LoadedModel) -> FastPathChoice:
+def choose(loaded: LoadedModel, compile_step: bool | None = None) -> FastPathChoice:
     """The fastest correct configuration for this model on this machine, with the reason.
 
-    The GPU choices come from benchmarks/RESULTS.md (H100, 8B Llama shapes, batch 1): sdpa's
-    per-step mask and kernel-selection overhead makes it slower than eager at batch 1 decode, and a
-    static cache lets transformers compile the step into a CUDA graph, removing the host overhead
-    that dominates decode. On the CPU neither helps (measured on the embedded model), and
-    compiling would cost minutes of warm-up.
+    Measured on an H100 with 8B Llama shapes (benchmarks/RESULTS.md, benchmarks/NOTES_gpu.md): plain
+    decode is host-bound for every dtype (the GPU is busy ~20% of each step), so the decode step is
+    replayed as a CUDA graph from a static cache; sdpa stays, since inside the graph it beat eager.
+    On the CPU nothing here helps (measured on the embedded model), so the canonical settings stay.
     """
+    compile_step = loaded.spec.fast_path_compile if compile_step is None else compile_step
+    quant = loaded.spec.quant
     if not _on_gpu(loaded):
+        quiet = quant.mode == "int8"
         return FastPathChoice("sdpa", None, "On the CPU, sdpa with a dynamic cache measured fastest "
                                             "(SmolLM2-135M: 13.7 tok/s against 12.9 eager and 12.7 static); "
-                                            "compiling costs minutes of warm-up for no gain.")
-    if _offloaded(loaded):
-        return FastPathChoice("sdpa", None, "Some modules are offloaded to the CPU or disk: their transfers "
-                                            "dominate each step and cannot be captured in a CUDA graph.")
-    quant = loaded.spec.quant
-    if quant.mode == "int8":
-        return FastPathChoice("eager", "static", "LLM.int8() runs several small kernels per layer; a static "
-                                                 "cache and a compiled step remove their launch gaps.")
-    if quant.enabled:
-        return FastPathChoice("eager", "static", "4-bit decode is host-bound (dequantize + GEMV per layer); "
-                                                 "a static cache and a compiled step remove the host gaps.")
-    return FastPathChoice("eager", "static", "At batch 1 the decode step is host-bound: eager attention with a "
-                                             "static cache lets generate() compile the step into a CUDA graph.")
+                                            "compiling costs minutes of warm-up for no gain."
+                              + (" bitsandbytes' per-matmul int8 log line is silenced." if quiet else ""),
+                              quiet_int8_log=quiet)
+    if loaded.report.offloaded:
+        return FastPathChoice(loaded.model.config._attn_implementation, None,
+                              "Some modules are offloaded to the CPU or disk: their transfers dominate each step "
+                              "and cannot be captured in a CUDA graph.")
+    attn = loaded.model.config._attn_implementation
+    if quant.mode == "int8" and quant.int8_threshold > 0:
+        return FastPathChoice(attn, None, "LLM.int8() with an outlier threshold waits for the GPU inside every "
+                                          "layer, so no CUDA graph can hold it; silencing bitsandbytes' per-matmul "
+                                          "log line is what helps (about 1.5x). Threshold 0 allows the graph but "
+                                          "changes results.", quiet_int8_log=True)
+    what = {"none": "16-bit", "int8": "int8 (threshold 0)"}.get(quant.mode, f"4-bit {quant.mode.upper()}")
+    return FastPathChoice(attn, "static", f"{what} decode at small batch is host-bound (the GPU idles ~80% of "
+                                          "each step): the step is replayed as one CUDA graph from a static cache.",
+                          cuda_graph=True, compile_step=compile_step, quiet_int8_log=quant.mode == "int8")
 
 
 def state(loaded: LoadedModel) -> FastPathState:
     config = loaded.model.generation_config
-    enabled = bool(loaded.canonical)
-    cache = config.cache_implementation or "dynamic"
+    graph = loaded.canonical.get("graph")
+    cache = "static" if graph is not None else (config.cache_implementation or "dynamic")
     return FastPathState(
-        enabled=enabled,
+        enabled=bool(loaded.canonical),
         attn_implementation=loaded.model.config._attn_implementation,
         cache_implementation=cache,
-        compiled=cache == "static" and _on_gpu(loaded) and not getattr(config, "disable_compile", False),
+        compiled=bool(graph is not None and graph.compile_step),
+        cuda_graph=graph is not None,
         reason=loaded.canonical.get("reason", "Canonical model as loaded."),
     )
 
@@ -94,14 +107,25 @@ def enable(loaded: LoadedModel, choice: FastPathChoice | None = None) -> FastPat
         reverse(loaded)
     choice = choice or choose(loaded)
     model = loaded.model
-    loaded.canonical = {
+    saved: dict = {
         "attn_implementation": model.config._attn_implementation,
         "cache_implementation": model.generation_config.cache_implementation,
         "reason": choice.reason,
     }
     if choice.attn_implementation != model.config._attn_implementation:
         model.set_attn_implementation(choice.attn_implementation)
-    model.generation_config.cache_implementation = choice.cache_implementation
+    if choice.quiet_int8_log:
+        logger = logging.getLogger(INT8_LOGGER)
+        saved["int8_log_level"] = logger.level
+        logger.setLevel(logging.ERROR)
+    if choice.cuda_graph:
+        from core.cuda_graphs import GraphedDecode, defer_stop_checks
+
+        saved["graph"] = GraphedDecode(model, choice.compile_step).install()
+        saved["undo_deferred_stop"] = defer_stop_checks()
+    else:
+        model.generation_config.cache_implementation = choice.cache_implementation
+    loaded.canonical = saved
     return state(loaded)
 
 
@@ -111,6 +135,11 @@ def reverse(loaded: LoadedModel) -> FastPathState:
         return state(loaded)
     model = loaded.model
     saved = loaded.canonical
+    if "graph" in saved:
+        saved["graph"].release()
+        saved["undo_deferred_stop"]()
+    if "int8_log_level" in saved:
+        logging.getLogger(INT8_LOGGER).setLevel(saved["int8_log_level"])
     if model.config._attn_implementation != saved["attn_implementation"]:
         model.set_attn_implementation(saved["attn_implementation"])
     model.generation_config.cache_implementation = saved["cache_implementation"]
@@ -119,6 +148,12 @@ def reverse(loaded: LoadedModel) -> FastPathState:
             delattr(model, attribute)
     loaded.canonical = {}
     return state(loaded)
+
+
+def generate_kwargs(loaded: LoadedModel, batch: int, needed_tokens: int) -> dict:
+    """Extra generate() arguments the fast path needs: its own static cache when decode is graphed."""
+    graph = loaded.canonical.get("graph")
+    return {"cache": graph.cache_for(batch, needed_tokens)} if graph is not None else {}
 
 
 def set_enabled(loaded: LoadedModel, on: bool) -> FastPathState:

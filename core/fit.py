@@ -165,7 +165,7 @@ def suggest_fixes(spec: LoadSpec, context: int, batch: int, config, limit: int =
         candidates.append(Fix("Quantize to 4-bit NF4", nf4, context))
         candidates += [Fix(f"Quantize to 4-bit NF4 and shorten the context to {c} tokens", nf4, c) for c in shorter]
     budget = dict(spec.max_memory)
-    if budget and "cpu" not in budget:
+    if budget and "cpu" not in budget and spec.quant.bits != 4:  # 4-bit + CPU offload fails (see loading.py)
         candidates.append(Fix("Give the CPU a share (cpu=16GB) for what does not fit on the GPU",
                               spec.with_(max_memory=tuple({**budget, "cpu": 16 * 10**9}.items()),
                                          quant=replace(spec.quant, fp32_cpu_offload=spec.quant.enabled)), context))

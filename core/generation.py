@@ -18,6 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from core import fastpath
 from core.errors import OutOfMemoryError, SpecError
 from core.loading import LoadedModel
 from core.spec import GenerationSpec
@@ -180,6 +181,8 @@ def generate(loaded: LoadedModel, prompts: Sequence[Prompt], spec: GenerationSpe
         raise SpecError("prompts", prompts, "give at least one prompt")
     inputs = build_inputs(loaded, prompts, spec)
     kwargs = generation_kwargs(loaded, spec)
+    needed = inputs["input_ids"].shape[1] + spec.max_new_tokens + 1
+    kwargs.update(fastpath.generate_kwargs(loaded, len(prompts), needed))
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     _seed(spec)
@@ -215,6 +218,7 @@ def stream(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec = Generatio
     clock = _FirstTokenClock()
     streamer = _TimedTextStreamer(loaded.tokenizer, clock, skip_prompt=True, skip_special_tokens=True, timeout=600)
     kwargs = generation_kwargs(loaded, spec)
+    kwargs.update(fastpath.generate_kwargs(loaded, 1, inputs["input_ids"].shape[1] + spec.max_new_tokens + 1))
     failure: list[BaseException] = []
     output: list = []
 

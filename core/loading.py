@@ -102,11 +102,32 @@ def _load_tokenizer(spec: LoadSpec, path: str):
     return tokenizer
 
 
+def _device_map_for(spec: LoadSpec):
+    """The device map to hand to from_pretrained.
+
+    With a named map ('auto') and a budget that offloads part of a quantized model to the CPU,
+    transformers 5.24 quantizes the offloaded modules anyway (its fp32-offload exclusion only reads
+    an explicit map), and 4-bit ones then fail at the first forward ("Cannot copy out of meta
+    tensor", measured on an H100). Passing the planned map explicitly (the same map 'auto' yields)
+    keeps those modules unquantized on the CPU, as fp32 CPU offload promises.
+    """
+    requested = spec.device_map_value
+    if not (spec.quant.enabled and isinstance(requested, str) and requested != "cpu" and spec.max_memory):
+        return requested
+    from core.placement import device_label, plan
+
+    planned = plan(spec)
+    if not planned.offloaded:
+        return requested
+    return {module: device if isinstance(device, str) else device_label(device)
+            for module, device in planned.device_map.items()}
+
+
 def _from_pretrained(spec: LoadSpec, path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    device_map = spec.device_map_value
+    device_map = _device_map_for(spec)
     kwargs: dict[str, Any] = dict(
         revision=spec.revision, dtype=torch_dtype(spec.dtype), device_map=device_map,
         trust_remote_code=spec.trust_remote_code,

@@ -10,7 +10,8 @@ from conftest import OTHER_TOKEN, QUESTION, WRITE_TOKEN
 
 DEFAULT_FIELDS = dict(model="", revision="", dtype="auto", quant="none", compute_dtype="auto", double_quant=False,
                       quant_storage="uint8", int8_threshold=6.0, skip_modules="", fp32_cpu_offload=False,
-                      device_map="auto", max_memory="", fast_path=False, trust_remote_code=False)
+                      device_map="auto", max_memory="", fast_path=False, fast_path_compile=False,
+                      trust_remote_code=False)
 GREEDY = dict(max_new_tokens=16, greedy=True, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.0,
               seed=-1, system_prompt="")
 
