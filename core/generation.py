@@ -40,7 +40,8 @@ class GenerationMetrics:
 
     def summary(self) -> str:
         return (f"TTFT {self.ttft_s * 1000:.0f} ms · {self.decode_tokens_per_s:.1f} tok/s · "
-                f"{self.new_tokens} new tokens · peak {self.peak_memory_kind} {self.peak_memory_bytes / 2**20:.0f} MiB")
+                f"{self.new_tokens} new tokens · "
+                f"peak {self.peak_memory_kind} {self.peak_memory_bytes / 2**20:.0f} MiB")
 
 
 @dataclass(frozen=True)

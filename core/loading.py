@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core import source
-from core.errors import BudgetTooSmallError, EngineError, OutOfMemoryError, SpecError
-from core.placement import _normalize, explain_placement_error
+from core.errors import EngineError, OutOfMemoryError, SpecError
+from core.placement import explain_placement_error, normalize_device
 from core.quantization import bitsandbytes_config, describe, torch_dtype
 from core.spec import Device, LoadSpec, validate
 
@@ -161,17 +161,6 @@ def _from_pretrained(spec: LoadSpec, path: str):
 def _actual_device_map(model) -> dict[str, Device]:
     found = getattr(model, "hf_device_map", None)
     if found:
-        return {m: _normalize(d) for m, d in found.items()}
+        return {m: normalize_device(d) for m, d in found.items()}
     device = next(model.parameters()).device
     return {"": device.index if device.type == "cuda" else device.type}
-
-
-def check_fits(spec: LoadSpec) -> None:
-    """Raises BudgetTooSmallError before loading when the plan puts modules on disk with no room at all."""
-    from core.placement import plan
-
-    placed = plan(spec)
-    if "disk" in placed.bytes_per_device:
-        raise BudgetTooSmallError(
-            f"The budget leaves {placed.bytes_per_device['disk'] / 1e6:.0f} MB of weights with nowhere to go "
-            "but disk. Raise the budget, add a CPU share (cpu=8GB), or quantize to 4-bit.")

@@ -80,7 +80,6 @@ def _run_text(run: tuple[str, int, int]) -> str:
 
 def empty_model(spec: LoadSpec, config):
     """The model on the meta device, with bitsandbytes layers in place when quantized; and its quantizer."""
-    import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
@@ -119,15 +118,15 @@ def plan(spec: LoadSpec, config=None) -> PlacementPlan:
     sizes, _ = compute_module_sizes(model, quantizer)
     per_device: dict[Device, int] = defaultdict(int)
     for module, device in device_map.items():
-        per_device[_normalize(device)] += int(sizes.get(module, 0))
+        per_device[normalize_device(device)] += int(sizes.get(module, 0))
     return PlacementPlan(
         model=checked.model, quantization=checked.quant.mode, dtype=checked.dtype,
-        device_map={m: _normalize(d) for m, d in device_map.items()},
+        device_map={m: normalize_device(d) for m, d in device_map.items()},
         bytes_per_device=dict(per_device), budget=dict(checked.max_memory), total_bytes=int(sizes.get("", 0)),
     )
 
 
-def _normalize(device) -> Device:
+def normalize_device(device) -> Device:
     text = str(device)
     if text.startswith("cuda:"):
         return int(text.split(":")[1])

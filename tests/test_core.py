@@ -11,8 +11,7 @@ import torch
 from conftest import QUESTION, ROOT, subprocess_env
 from core import fastpath, generation, hub
 from core.engine import Engine
-from core.errors import (BudgetTooSmallError, EnvironmentNotSupportedError, HubUnreachableError,
-                         ModelNotFoundError, OutOfMemoryError, SpecError)
+from core.errors import BudgetTooSmallError, EnvironmentNotSupportedError, OutOfMemoryError, SpecError
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_max_memory, parse_model, parse_size
 
 GREEDY = GenerationSpec(greedy=True, max_new_tokens=12)
