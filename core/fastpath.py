@@ -3,10 +3,10 @@
 BetterTransformer (`model.to_bettertransformer()`, optimum) swapped attention modules for fused
 kernels and had to be reversed before saving. transformers 5 removed it: fused attention is now an
 attention implementation chosen per model (`set_attn_implementation`), and decode speed comes from a
-static KV cache whose fixed shapes let the decode step be compiled (a static KV cache and a decode step
-replayed as a CUDA graph (core.cuda_graphs), optionally of a compiled forward).
+static KV cache whose fixed shapes let the decode step be replayed as a CUDA graph (core.cuda_graphs),
+optionally of a compiled forward.
 
-The fast path here changes only those settings, never a weight or a module, so `reverse` restores
+The fast path here changes only how decode runs, never a weight or a module, so `reverse` restores
 the canonical model exactly: same module tree, same config, bitwise-equal state dict. The choice is
 made once per model with the reason recorded (`FastPathState.reason`), and can be overridden.
 """
@@ -150,10 +150,13 @@ def reverse(loaded: LoadedModel) -> FastPathState:
     return state(loaded)
 
 
-def generate_kwargs(loaded: LoadedModel, batch: int, needed_tokens: int) -> dict:
+def generate_kwargs(loaded: LoadedModel, input_ids, max_new_tokens: int) -> dict:
     """Extra generate() arguments the fast path needs: its own static cache when decode is graphed."""
     graph = loaded.canonical.get("graph")
-    return {"cache": graph.cache_for(batch, needed_tokens)} if graph is not None else {}
+    if graph is None:
+        return {}
+    batch, prompt_length = input_ids.shape
+    return {"cache": graph.cache_for(batch, prompt_length + max_new_tokens + 1)}
 
 
 def set_enabled(loaded: LoadedModel, on: bool) -> FastPathState:

@@ -182,8 +182,7 @@ def generate(loaded: LoadedModel, prompts: Sequence[Prompt], spec: GenerationSpe
         raise SpecError("prompts", prompts, "give at least one prompt")
     inputs = build_inputs(loaded, prompts, spec)
     kwargs = generation_kwargs(loaded, spec)
-    needed = inputs["input_ids"].shape[1] + spec.max_new_tokens + 1
-    kwargs.update(fastpath.generate_kwargs(loaded, len(prompts), needed))
+    kwargs.update(fastpath.generate_kwargs(loaded, inputs["input_ids"], spec.max_new_tokens))
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     _seed(spec)
@@ -200,7 +199,7 @@ def generate(loaded: LoadedModel, prompts: Sequence[Prompt], spec: GenerationSpe
     ids = tuple(tuple(_strip_padding(row.tolist(), loaded.tokenizer.pad_token_id)) for row in new)
     texts = tuple(loaded.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids)
     metrics = _metrics(loaded, clock, ended, prompt_len, new.shape[1], new.shape[0])
-    loaded.facts["last_generation"] = (prompts[0] if isinstance(prompts[0], str) else None, texts[0], metrics)
+    loaded.facts["last_metrics"] = metrics
     return GenerationResult(texts=texts, token_ids=ids, metrics=metrics)
 
 
@@ -219,7 +218,7 @@ def stream(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec = Generatio
     clock = _FirstTokenClock()
     streamer = _TimedTextStreamer(loaded.tokenizer, clock, skip_prompt=True, skip_special_tokens=True, timeout=600)
     kwargs = generation_kwargs(loaded, spec)
-    kwargs.update(fastpath.generate_kwargs(loaded, 1, inputs["input_ids"].shape[1] + spec.max_new_tokens + 1))
+    kwargs.update(fastpath.generate_kwargs(loaded, inputs["input_ids"], spec.max_new_tokens))
     failure: list[BaseException] = []
     output: list = []
 
@@ -249,6 +248,5 @@ def stream(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec = Generatio
     prompt_len = inputs["input_ids"].shape[1]
     new_tokens = output[0].shape[1] - prompt_len if output else 0
     metrics = _metrics(loaded, clock, ended, prompt_len, new_tokens, 1)
-    loaded.facts["last_generation"] = (prompt if isinstance(prompt, str) else prompt[-1]["content"], text.strip(),
-                                       metrics)
+    loaded.facts["last_metrics"] = metrics
     yield StreamUpdate(text=text.strip(), done=True, metrics=metrics, cancelled=cancel.is_set())

@@ -202,10 +202,10 @@ def facts_from(loaded: LoadedModel) -> CardFacts:
     from core import generation
     from core.spec import GenerationSpec
 
-    metrics = loaded.facts.get("last_generation", (None, None, None))[2]
+    measured = loaded.facts.get("last_metrics")  # read before the sample below replaces it
     quality = loaded.facts.get("quality")
     sample = generation.generate(loaded, [SAMPLE_PROMPT], GenerationSpec(greedy=True, max_new_tokens=48))
-    metrics = metrics or sample.metrics
+    metrics = measured or sample.metrics
     return CardFacts(decode_tokens_per_s=metrics.decode_tokens_per_s, ttft_s=metrics.ttft_s,
                      device=str(loaded.input_device), sample_prompt=SAMPLE_PROMPT, sample_answer=sample.texts[0],
                      quality=quality.as_card_facts() if quality else {})

@@ -119,8 +119,7 @@ def _device_map_for(spec: LoadSpec):
     planned = plan(spec)
     if not planned.offloaded:
         return requested
-    return {module: device if isinstance(device, str) else device_label(device)
-            for module, device in planned.device_map.items()}
+    return {module: device_label(device) for module, device in planned.device_map.items()}
 
 
 def _from_pretrained(spec: LoadSpec, path: str):
