@@ -285,7 +285,7 @@ def build() -> gr.Blocks:
         with gr.Tab("Save & push"):
             gr.Markdown("Saving reverses the fast path first, so the checkpoint is a plain transformers one.")
             with gr.Row():
-                folder = gr.Textbox(label="Folder", value=str(hub.default_save_folder("local-copy")), scale=3)
+                folder = gr.Textbox(label="Folder", value=str(__import__("core.saves").saves.save_root() / "local-copy"), scale=3)
                 save_button = gr.Button("Save", scale=1)
             save_out = gr.Markdown()
             if on_space():

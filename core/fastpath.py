@@ -14,6 +14,8 @@ made once per model with the reason recorded (`FastPathState.reason`), and can b
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from core.loading import LoadedModel
@@ -111,6 +113,7 @@ def enable(loaded: LoadedModel, choice: FastPathChoice | None = None) -> FastPat
         "attn_implementation": model.config._attn_implementation,
         "cache_implementation": model.generation_config.cache_implementation,
         "reason": choice.reason,
+        "choice": choice,
     }
     if choice.attn_implementation != model.config._attn_implementation:
         model.set_attn_implementation(choice.attn_implementation)
@@ -157,6 +160,18 @@ def generate_kwargs(loaded: LoadedModel, input_ids, max_new_tokens: int) -> dict
         return {}
     batch, prompt_length = input_ids.shape
     return {"cache": graph.cache_for(batch, prompt_length + max_new_tokens + 1)}
+
+
+@contextmanager
+def suspended(loaded: LoadedModel) -> Iterator[None]:
+    """The canonical model within the block (for saving); the same fast path as before afterwards."""
+    choice = loaded.canonical.get("choice")
+    reverse(loaded)
+    try:
+        yield
+    finally:
+        if choice is not None:
+            enable(loaded, choice)
 
 
 def set_enabled(loaded: LoadedModel, on: bool) -> FastPathState:

@@ -1,27 +1,28 @@
-"""Save after reverse, the model card, and push to the Hugging Face Hub with huggingface_hub.
+"""Save the canonical checkpoint with its model card, and push it to the Hugging Face Hub.
 
-`save` always reverses the fast path first, so the folder holds the canonical checkpoint:
-safetensors weights (bitsandbytes' serialized 4-bit or 8-bit form when quantized), tokenizer,
-generation config and a model card. `push` saves (or reuses a folder saved for the same model),
-creates the repo if missing and uploads the folder in one commit. A failed push keeps the folder,
-so a retry uploads without saving again. Tokens are passed through, never printed or stored.
+`save` writes safetensors weights (bitsandbytes' serialized 4-bit or 8-bit form when quantized),
+tokenizer, generation config and a model card, through core.saves (staging, verified marker). The
+fast path is reversed for the save and restored after it, and bitsandbytes' CPU repack is undone on
+copies (core.bnb_repack), so saving never changes the live model. `push` reuses a verified save of
+the same model or saves again, creates the repo if missing and uploads in one commit. A failed push
+keeps the folder, so a retry uploads without saving again. Tokens are passed through, never printed
+or stored.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from core import default_model, fastpath
+from core import bnb_repack, fastpath, saves
 from core.errors import PushError, SaveError
 from core.hub_errors import explain_hub_error
 from core.loading import LoadedModel
 from core.quantization import bitsandbytes_config
 
-SAVE_MARKER = "llm-app-save.json"
 LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "huggingface_hub", "safetensors")
 
 
@@ -41,6 +42,7 @@ class CardFacts:
 class SaveResult:
     folder: str
     files: tuple[str, ...]
+    total_bytes: int
     reused: bool
 
 
@@ -63,12 +65,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def fingerprint(loaded: LoadedModel) -> dict:
-    """What identifies the saved weights: the model, its revision, dtype and quantization."""
-    spec = loaded.spec
-    return {"model": spec.model, "revision": spec.revision, "dtype": spec.dtype, "quant": asdict(spec.quant)}
-
-
 def guard(loaded: LoadedModel) -> list[str]:
     """Problems that would make a broken checkpoint; empty when saving is safe."""
     problems = []
@@ -87,29 +83,28 @@ def guard(loaded: LoadedModel) -> list[str]:
     return problems
 
 
-def save(loaded: LoadedModel, folder: str | Path, facts: CardFacts | None = None) -> SaveResult:
-    """Reverses the fast path, then writes the canonical checkpoint, tokenizer and card to `folder`."""
+def save(loaded: LoadedModel, folder: str | Path | None = None, facts: CardFacts | None = None) -> SaveResult:
+    """Writes the canonical checkpoint, tokenizer and card to `folder` (default: its folder under the save root).
+
+    The live model is never changed: the fast path is reversed for the save and restored after it, and
+    bitsandbytes' CPU repack is undone on copies (core.bnb_repack). The folder appears only when complete.
+    """
     problems = guard(loaded)
     if problems:
         raise SaveError(" ".join(problems))
-    fastpath.reverse(loaded)
     facts = facts if facts is not None else facts_from(loaded)
-    target = Path(folder).expanduser()
-    target.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(target)
-    loaded.tokenizer.save_pretrained(target)
-    build_card(loaded, facts).save(target / "README.md")
-    (target / SAVE_MARKER).write_text(json.dumps(fingerprint(loaded), indent=2))
-    files = tuple(sorted(p.name for p in target.iterdir() if p.is_file()))
-    return SaveResult(folder=str(target), files=files, reused=False)
+    target = Path(folder).expanduser().resolve() if folder else saves.target_for(loaded.spec)
+    card = build_card(loaded, facts)
 
+    def fill(staging: Path) -> None:
+        with fastpath.suspended(loaded), bnb_repack.canonical_weights(loaded.model, loaded.bnb_originals):
+            loaded.model.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        card.save(staging / "README.md")
 
-def saved_for(loaded: LoadedModel, folder: Path) -> bool:
-    marker = folder / SAVE_MARKER
-    try:
-        return json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint(loaded)))  # tuples as lists
-    except (OSError, ValueError):
-        return False
+    needed = int(loaded.report.footprint_bytes * 1.05) + 64 * 2**20
+    files = saves.write(target, fill, saves.fingerprint(loaded.spec), needed)
+    return SaveResult(folder=str(target), files=files, total_bytes=saves.size_of(target), reused=False)
 
 
 def base_model_id(loaded: LoadedModel) -> str:
@@ -211,18 +206,36 @@ def facts_from(loaded: LoadedModel) -> CardFacts:
                      quality=quality.as_card_facts() if quality else {})
 
 
-def default_save_folder(repo_or_name: str) -> Path:
-    return default_model.cache_root() / "saved" / repo_or_name.replace("/", "--")
-
-
 def push(loaded: LoadedModel, repo_id: str, token: str | None, private: bool = True,
          commit_message: str = "Upload quantized model", folder: str | Path | None = None,
          facts: CardFacts | None = None, endpoint: str | None = None) -> PushResult:
-    """Saves (unless `folder` already holds this model), creates the repo if missing, uploads in one commit.
+    """Saves (unless `folder` holds a verified save of this model), creates the repo if missing, uploads in one commit.
 
     `endpoint` overrides HF_ENDPOINT (a private Hub, or the local test server).
     """
+    check_repo_id(repo_id)
+    if not token:
+        raise PushError("No Hugging Face token: sign in with the Hugging Face button (on a Space), or set HF_TOKEN "
+                        "or run `hf auth login` (locally).")
+    target = Path(folder).expanduser().resolve() if folder else saves.target_for(loaded.spec)
+    saved_again = not saves.verify(target, saves.fingerprint(loaded.spec))
+    if saved_again:
+        save(loaded, target, facts)
     from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.create_commit(repo_id, operations=_upload_operations(target, repo_id), repo_type="model",
+                                   commit_message=commit_message)
+    except Exception as error:
+        raise PushError(explain_hub_error(error, repo_id) + " The saved files are kept for a retry.",
+                        saved_folder=str(target)) from None
+    return PushResult(repo_id=repo_id, commit_url=commit.commit_url, repo_url=str(repo_url), folder=str(target),
+                      saved_again=saved_again)
+
+
+def check_repo_id(repo_id: str) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -231,29 +244,21 @@ def push(loaded: LoadedModel, repo_id: str, token: str | None, private: bool = T
         if "/" not in repo_id:
             raise HFValidationError("missing namespace")
     except HFValidationError:
-        raise PushError(f"repo_id={repo_id!r} is not valid: write it as 'your-name/model-name' (letters, digits, "
-                        "'-', '_', '.').") from None
-    if not token:
-        raise PushError("No Hugging Face token: sign in with the Hugging Face button (on a Space), or set HF_TOKEN "
-                        "or run `hf auth login` (locally).")
-    target = Path(folder).expanduser() if folder else default_save_folder(repo_id)
-    saved_again = not saved_for(loaded, target)
-    if saved_again:
-        save(loaded, target, facts)
-    _fill_repo_id(target, repo_id)
-    api = HfApi(endpoint=endpoint, token=token)
-    try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=target, repo_id=repo_id, repo_type="model",
-                                   commit_message=commit_message, ignore_patterns=[SAVE_MARKER])
-    except Exception as error:
-        raise PushError(explain_hub_error(error, repo_id) + f" The saved files are kept in {target} for a retry.",
-                        saved_folder=str(target)) from None
-    return PushResult(repo_id=repo_id, commit_url=commit.commit_url, repo_url=str(repo_url), folder=str(target),
-                      saved_again=saved_again)
+        raise PushError(f"repo_id={repo_id[:100]!r} is not valid: write it as 'your-name/model-name' (letters, "
+                        "digits, '-', '_', '.').") from None
 
 
-def _fill_repo_id(folder: Path, repo_id: str) -> None:
-    card = folder / "README.md"
-    if card.is_file():
-        card.write_text(card.read_text().replace('repo = "REPO_ID"', f'repo = "{repo_id}"'))
+def _upload_operations(folder: Path, repo_id: str) -> list:
+    """Every saved file but the marker; the card with this repo's id filled in (the saved folder stays as verified)."""
+    from huggingface_hub import CommitOperationAdd
+
+    operations = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name == saves.MARKER:
+            continue
+        if path.name == "README.md":
+            card = path.read_text().replace('repo = "REPO_ID"', f'repo = "{repo_id}"')
+            operations.append(CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=card.encode()))
+        else:
+            operations.append(CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)))
+    return operations

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core import source
+from core import bnb_repack, source
 from core.errors import EngineError, OutOfMemoryError, SpecError
 from core.placement import explain_placement_error, normalize_device
 from core.quantization import bitsandbytes_config, describe, torch_dtype
@@ -45,7 +45,8 @@ class LoadedModel:
     """A model in memory with its tokenizer, the spec it came from and its load report.
 
     `canonical` holds the settings the fast path changed, so that reverse can restore them;
-    it is owned by core.fastpath. `facts` holds measurements for the model card.
+    it is owned by core.fastpath. `facts` holds measurements for the model card. `bnb_originals`
+    holds what a save needs to undo bitsandbytes' CPU repack (core.bnb_repack).
     """
 
     model: Any
@@ -54,6 +55,7 @@ class LoadedModel:
     report: LoadReport
     canonical: dict[str, Any] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)  # measured while loaded: last generation, quality
+    bnb_originals: dict[str, Any] = field(default_factory=dict)  # core.bnb_repack.capture, before any forward
 
     @property
     def input_device(self):
@@ -79,6 +81,7 @@ def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
     progress(0.45, f"Loading weights ({describe(checked.quant)})")
     model = _from_pretrained(checked, path)
     model.eval()
+    originals = bnb_repack.capture(model)  # before the first forward repacks 4-bit weights on the CPU
     seconds = time.perf_counter() - started
     progress(0.95, "Measuring footprint")
     report = LoadReport(
@@ -87,7 +90,7 @@ def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
         load_seconds=seconds, attn_implementation=model.config._attn_implementation,
         parameters=sum(p.numel() for p in model.parameters()),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=checked, report=report)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=checked, report=report, bnb_originals=originals)
 
 
 def _load_tokenizer(spec: LoadSpec, path: str):

@@ -14,12 +14,13 @@ from core.errors import SaveError
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_max_memory
 
 
-def _quant_state_bytes(model) -> int:
-    """Bytes bitsandbytes keeps beside packed weights (absmax, nested stats, int8 row scales)."""
+def _quant_state_bytes(loaded) -> int:
+    """Bytes bitsandbytes keeps beside packed weights (absmax, nested stats, int8 row scales), in the canonical
+    layout: on the CPU, 4-bit layers that have run hold a repacked bf16 copy (core/bnb_repack.py)."""
     total = 0
-    for module in model.modules():
+    for name, module in loaded.model.named_modules():
         weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
+        state = loaded.bnb_originals.get(name, getattr(weight, "quant_state", None))
         if state is not None:
             total += state.absmax.numel() * state.absmax.element_size()
             if state.state2 is not None:
@@ -38,7 +39,7 @@ def test_estimate_matches_measured_weights_and_kv_cache(loaded_models, mode):
     device = estimate.devices[0]
     measured = loaded.report.footprint_bytes
     assert abs(device.weights - measured) / measured < 0.10  # the footprint transformers reports
-    assert abs(device.weights - (measured + _quant_state_bytes(loaded.model))) / measured < 0.005
+    assert abs(device.weights - (measured + _quant_state_bytes(loaded))) / measured < 0.005
     inputs = generation.build_inputs(loaded, [QUESTION], GenerationSpec())
     new = 64 - inputs["input_ids"].shape[1]
     with torch.inference_mode():

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import OTHER_TOKEN, QUESTION, ROOT, WRITE_TOKEN, subprocess_env
-from core import fastpath, hub
+from core import fastpath, hub, saves
 from core.errors import PushError
 
 _LOAD_BACK = """
@@ -24,15 +24,20 @@ with torch.no_grad():
 
 def test_push_nf4_round_trip_and_card(loaded_models, hub_server, tmp_path):
     loaded = loaded_models("nf4")
+    ids = loaded.tokenizer(QUESTION, return_tensors="pt").input_ids
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        expected = loaded.model(ids).logits  # the canonical model, before the fast path
     fastpath.enable(loaded, fastpath.FastPathChoice("eager", "static", "test"))
     facts = hub.CardFacts(decode_tokens_per_s=12.5, device="cpu", sample_prompt=QUESTION,
                           sample_answer="The capital of France is Paris.")
     result = hub.push(loaded, "alice/smollm2-nf4", token=WRITE_TOKEN, folder=tmp_path / "out", facts=facts,
                       endpoint=hub_server.url)
-    assert result.saved_again and "/commit/" in result.commit_url and not fastpath.state(loaded).enabled
+    assert result.saved_again and "/commit/" in result.commit_url and fastpath.state(loaded).enabled  # as before
+    fastpath.reverse(loaded)
     files = hub_server.list_files("alice/smollm2-nf4")
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "generation_config.json"} <= set(files)
-    assert hub.SAVE_MARKER not in files
+    assert saves.MARKER not in files
 
     card = hub_server.read_file("alice/smollm2-nf4", "README.md").decode()
     front = yaml.safe_load(card.split("---")[1])
@@ -41,10 +46,6 @@ def test_push_nf4_round_trip_and_card(loaded_models, hub_server, tmp_path):
     assert '"bnb_4bit_quant_type": "nf4"' in card and 'repo = "alice/smollm2-nf4"' in card
     assert "12.5 tokens/s" in card and "Paris" in card and "| bitsandbytes | 0.50.2 |" in card
 
-    ids = loaded.tokenizer(QUESTION, return_tensors="pt").input_ids
-    torch.save(ids, tmp_path / "ids.pt")
-    with torch.no_grad():
-        expected = loaded.model(ids).logits
     env = subprocess_env(**{**hub_server.env(tmp_path / "hf-home"), "HF_TOKEN": WRITE_TOKEN})
     done = subprocess.run([sys.executable, "-c", _LOAD_BACK, "alice/smollm2-nf4", str(tmp_path / "ids.pt"),
                            str(tmp_path / "logits.pt")], env=env, capture_output=True, text=True, timeout=300)
@@ -57,7 +58,7 @@ def test_failed_push_keeps_folder_and_retry_does_not_save_again(loaded_models, h
     folder = tmp_path / "retry"
     with pytest.raises(PushError, match=r"rejected the token \(401\)") as bad:
         hub.push(loaded, "alice/retry-me", token="hf_wrong_token", folder=folder, endpoint=hub_server.url)
-    assert "hf_wrong_token" not in str(bad.value) and str(folder) in str(bad.value)
+    assert "hf_wrong_token" not in str(bad.value) and "kept for a retry" in str(bad.value)
     assert (folder / "model.safetensors").is_file() and bad.value.saved_folder == str(folder)
     with pytest.raises(PushError, match=r"may not write to 'bob' \(403\)"):
         hub.push(loaded, "bob/not-alices", token=WRITE_TOKEN, folder=folder, endpoint=hub_server.url)
