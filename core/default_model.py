@@ -52,13 +52,18 @@ def checkpoint_dir() -> Path:
     return cache_root() / CHECKPOINT_NAME
 
 
+def converted() -> bool:
+    target = checkpoint_dir()
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def ensure_checkpoint(progress: Callable[[float, str], None] | None = None) -> Path:
     """Returns the folder of the converted checkpoint, converting the GGUF file first if needed."""
     target = checkpoint_dir()
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if converted():
         return target
     with _lock:
-        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        if converted():
             return target
         if progress:
             progress(0.05, "Converting the embedded SmolLM2-135M-Instruct from GGUF (once)")

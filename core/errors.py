@@ -60,6 +60,20 @@ class NoModelLoadedError(EngineError):
     title = "No model loaded"
 
 
+class LoadFailedError(EngineError):
+    """A load failed for a reason the engine did not foresee (a broken checkpoint, code that raised)."""
+
+    title = "Load failed"
+
+
+class QueueFullError(EngineError):
+    title = "Queue full"
+
+
+class InputTooLongError(EngineError):
+    title = "Input too long"
+
+
 class SaveError(EngineError):
     title = "Save refused"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from core import source
-from core.errors import BudgetTooSmallError
+from core.errors import BudgetTooSmallError, SpecError
 from core.placement import PlacementPlan, device_label, plan
 from core.spec import Device, LoadSpec, QuantSpec
 
@@ -55,6 +55,10 @@ class FitReport:
     offloaded: tuple[str, ...]  # modules the plan puts on the CPU or disk while GPUs are budgeted
     fixes: tuple[Fix, ...]
     problem: str | None = None  # why no placement exists at all (from the planner)
+
+    @property
+    def gpus_planned(self) -> int:
+        return len({d.device for d in self.devices if isinstance(d.device, int)})
 
     @property
     def fits(self) -> bool:
@@ -109,8 +113,20 @@ def activation_bytes(config, context: int, batch: int, dtype: str) -> int:
     return mlp + residual + logits
 
 
+MAX_CONTEXT = 2**20  # a million tokens: beyond any model's window, and the estimate's arithmetic stays sane
+MAX_BATCH = 1024
+
+
+def check_sizes(context_length: int, batch_size: int) -> None:
+    if not 1 <= context_length <= MAX_CONTEXT:
+        raise SpecError("context_length", context_length, f"use a number of tokens from 1 to {MAX_CONTEXT:,}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise SpecError("batch_size", batch_size, f"use a batch size from 1 to {MAX_BATCH}")
+
+
 def estimate(spec: LoadSpec, context_length: int = 2048, batch_size: int = 1, config=None,
              with_fixes: bool = True) -> FitReport:
+    check_sizes(context_length, batch_size)
     config = config if config is not None else source.load_config(spec)
     try:
         placed: PlacementPlan = plan(spec, config=config)

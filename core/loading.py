@@ -30,7 +30,8 @@ class LoadReport:
     footprint_bytes: int
     load_seconds: float
     attn_implementation: str
-    parameters: int
+    parameters: int  # the model's parameters, quantized or not
+    stored_elements: int  # elements of the tensors held (4-bit weights pack two values in one uint8)
 
     @property
     def offloaded(self) -> dict[str, Device]:
@@ -88,16 +89,25 @@ def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
         model=checked.model, source=path, dtype=checked.dtype, quantization=describe(checked.quant),
         device_map=_actual_device_map(model), footprint_bytes=int(model.get_memory_footprint()),
         load_seconds=seconds, attn_implementation=model.config._attn_implementation,
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=count_parameters(model), stored_elements=sum(p.numel() for p in model.parameters()),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, spec=checked, report=report, bnb_originals=originals)
+
+
+def count_parameters(model) -> int:
+    """Parameters as the model defines them: a packed 4-bit weight counts its unpacked shape."""
+    total = 0
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        total += state.shape.numel() if state is not None else parameter.numel()
+    return total
 
 
 def _load_tokenizer(spec: LoadSpec, path: str):
     from transformers import AutoTokenizer
 
     with source.hub_errors_explained(spec):
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision,
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision, token=source.hub_token(spec),
                                                   trust_remote_code=spec.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -132,7 +142,7 @@ def _from_pretrained(spec: LoadSpec, path: str):
     device_map = _device_map_for(spec)
     kwargs: dict[str, Any] = dict(
         revision=spec.revision, dtype=torch_dtype(spec.dtype), device_map=device_map,
-        trust_remote_code=spec.trust_remote_code,
+        trust_remote_code=spec.trust_remote_code, token=source.hub_token(spec),
     )
     if spec.max_memory:
         kwargs["max_memory"] = spec.max_memory_dict

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from huggingface_hub import errors as hub_errors
 
 from core import default_model
-from core.errors import HubUnreachableError, ModelNotFoundError
+from core.errors import HubUnreachableError, ModelNotFoundError, SpecError
 from core.spec import LoadSpec
 
 Progress = Callable[[float, str], None]
@@ -39,6 +39,8 @@ def hub_errors_explained(spec: LoadSpec) -> Iterator[None]:
         raise HubUnreachableError(_unreachable(spec)) from error
     except OSError as error:
         text = str(error)
+        if "not a valid JSON" in text:
+            raise SpecError("model", _shown(spec), "its config.json is not valid JSON; fix or replace the file") from error
         if "couldn't connect" in text or "offline" in text.lower() or "Connection" in text:
             raise HubUnreachableError(_unreachable(spec)) from error
         if "not a valid model identifier" in text or "does not appear to have a file" in text \
@@ -59,10 +61,27 @@ def _unreachable(spec: LoadSpec) -> str:
             "SmolLM2-135M-Instruct.")
 
 
+def hub_token(spec: LoadSpec) -> bool | None:
+    """What from_pretrained gets as `token`: None (the server's HF_TOKEN or login) or False (anonymous)."""
+    return None if spec.use_server_token else False
+
+
 def load_config(spec: LoadSpec, progress: Progress | None = None):
-    """The model's `PretrainedConfig`, read without loading weights."""
+    """The model's `PretrainedConfig`, read without loading weights. Imports no code unless trust_remote_code."""
     from transformers import AutoConfig
 
     path = resolve(spec, progress)
     with hub_errors_explained(spec):
-        return AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        try:
+            return AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                              token=hub_token(spec))
+        except ValueError as error:
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            if "trust_remote_code" in str(error):
+                raise SpecError("model", _shown(spec), "it needs code from its own repository, which this app runs "
+                                                       "only when started with --trust-remote-code") from error
+            raise SpecError("model", _shown(spec), f"transformers cannot read its config.json ({first})") from error
+
+
+def _shown(spec: LoadSpec) -> str:
+    return spec.model.split(":", 1)[-1] if spec.is_embedded else spec.model

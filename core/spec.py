@@ -28,6 +28,8 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?$")
 _CUDA = re.compile(r"^cuda(?::(\d+))?$")
+_REVISION = re.compile(r"^[\w.\-/]{1,255}$")
+MAX_MODEL_CHARS = 1024  # longer than any Hub id (96 + 1 + 96) or sensible path
 
 Device = int | str  # a GPU index, "cpu" or "disk"
 MemoryBudget = Mapping[Device, int]
@@ -66,7 +68,8 @@ class LoadSpec:
     max_memory: tuple[tuple[Device, int], ...] = ()  # bytes per device, already parsed
     fast_path: bool = False
     fast_path_compile: bool = False  # GPU: also torch.compile the graphed decode step (~40 s once, +25%)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # a launch option of the app, never a request field
+    use_server_token: bool = True  # False: reach the Hub anonymously (a visitor's request never uses the server's)
 
     @property
     def is_embedded(self) -> bool:
@@ -188,28 +191,53 @@ def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def parse_model(value: str | None) -> str:
-    """'' or None -> the embedded model; a Hub id 'org/name' or a local folder otherwise."""
+def parse_model(value: str | None, allow_local: bool = True) -> str:
+    """'' or None -> the embedded model; a Hub id 'org/name' or (when `allow_local`) a local folder otherwise."""
     text = (value or "").strip()
     if not text or text.lower() in ("default", "embedded", EMBEDDED_MODEL.lower()):
         return EMBEDDED_MODEL
-    path = Path(text).expanduser()
-    looks_like_path = text.startswith(("/", ".", "~")) or path.exists() or text.count("/") > 1
-    if looks_like_path:
-        if not path.is_dir():
-            raise SpecError("model", value, "no such local folder; give an existing folder that holds config.json, "
-                                            "or a Hub id like 'HuggingFaceTB/SmolLM2-360M-Instruct'")
-        if not (path / "config.json").is_file():
-            raise SpecError("model", value, "the folder has no config.json; point at a folder saved with "
-                                            "save_pretrained()")
-        return str(path.resolve())
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    if len(text) > MAX_MODEL_CHARS:
+        raise SpecError("model", shown, f"it is {len(text)} characters long; a Hub id is at most 96 characters on "
+                                        "each side of the '/'")
+    if allow_local:
+        path = Path(text).expanduser()
+        if text.startswith(("/", ".", "~")) or text.count("/") > 1 or _exists(path):
+            if not _is_dir(path):
+                raise SpecError("model", shown, "no such local folder; give an existing folder that holds "
+                                                "config.json, or a Hub id like 'HuggingFaceTB/SmolLM2-360M-Instruct'")
+            if not (path / "config.json").is_file():
+                raise SpecError("model", shown, "the folder has no config.json; point at a folder saved with "
+                                                "save_pretrained()")
+            return str(path.resolve())
     if not _HUB_ID.match(text):
-        raise SpecError("model", value, "a Hub id looks like 'org/name' (letters, digits, '-', '_', '.')")
+        raise SpecError("model", shown, "a Hub id looks like 'org/name' (letters, digits, '-', '_', '.')")
     return text
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system, for one
+        return False
 
 
 def validate(spec: LoadSpec, cuda_devices: int) -> LoadSpec:
     """Checks a spec against a machine with `cuda_devices` GPUs; returns it with 'auto' choices made."""
+    if spec.revision is not None:
+        if spec.is_embedded or spec.model.startswith("/"):
+            raise SpecError("revision", spec.revision, "a revision applies to Hub models only; leave it empty for "
+                                                       "the embedded model or a local folder")
+        if not _REVISION.match(spec.revision):
+            raise SpecError("revision", spec.revision[:80], "use a branch, tag or commit hash (letters, digits, "
+                                                            "'.', '_', '-', '/'; at most 255 characters)")
     _check_choice("quantization", spec.quant.mode, QUANTIZATIONS)
     _check_choice("dtype", spec.dtype, DTYPES)
     _check_choice("compute_dtype", spec.quant.compute_dtype, COMPUTE_DTYPES)

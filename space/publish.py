@@ -2,9 +2,9 @@
 
     python -m space.publish your-name/quantized-llm [--private] [--hardware l4x1]
 
-The token comes from HF_TOKEN or the cached `hf auth login`. The Space gets app.py, core/ (with its data), ui/,
-space/defaults.py, space/README.md as its README.md (the front matter that configures it) and
-space/requirements.txt as its requirements.txt; files that are no longer part of it are deleted.
+The token comes from HF_TOKEN or the cached `hf auth login`. The Space gets app.py, core/ (with its data),
+ui/, server/, space/defaults.py, space/README.md as its README.md (the front matter that configures it)
+and space/requirements.txt as its requirements.txt; files that are no longer part of it are deleted.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "ui")
+PACKAGES = ("core", "ui", "server")
 RENAMED = {"space/README.md": "README.md", "space/requirements.txt": "requirements.txt"}
 EXTRA = ("app.py", "space/__init__.py", "space/defaults.py")
 

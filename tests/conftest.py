@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -89,34 +90,63 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_url(checkpoint, hub_server, session_dir):
-    port = free_port()
-    env = subprocess_env(**{**hub_server.env(session_dir / "app-hf-home"), "HF_HUB_OFFLINE": "0",
-                            "HF_TOKEN": WRITE_TOKEN, "GRADIO_SERVER_PORT": str(port), "APP_PRELOAD": "1"})
-    log = open(session_dir / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"app exited: {(session_dir / 'app.log').read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        raise RuntimeError("app did not start in 180 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
-    assert WRITE_TOKEN not in (session_dir / "app.log").read_text()  # secrets never reach the log
+class AppProcess:
+    """`python app.py` in its own process on a free port, with its own save folder and log."""
+
+    def __init__(self, name: str, session_dir: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.save_dir = session_dir / f"{name}-saves"
+        self.log_path = session_dir / f"{name}.log"
+        full_env = subprocess_env(**{"GRADIO_SERVER_PORT": str(self.port), "APP_SAVE_DIR": str(self.save_dir),
+                                     "APP_PRELOAD": "1", **env})
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=full_env, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{name} app exited: {self.log()[-3000:]}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except urllib.error.HTTPError:
+                return  # up, and asking for a login
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"{name} app did not start in 240 s: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def client(self, auth: tuple[str, str] | None = None):
+        from gradio_client import Client
+
+        return Client(self.url, auth=auth, verbose=False)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self._log.close()
+        assert WRITE_TOKEN not in self.log_path.read_text()  # secrets never reach the log
 
 
 @pytest.fixture(scope="session")
-def client(app_url):
-    from gradio_client import Client
+def app(checkpoint, hub_server, session_dir):
+    """The app as its owner runs it locally: loopback, unshared, HF_TOKEN set, the local Hub server."""
+    process = AppProcess("owner-app", session_dir, {**hub_server.env(session_dir / "app-hf-home"),
+                                                     "HF_HUB_OFFLINE": "0", "HF_TOKEN": WRITE_TOKEN})
+    yield process
+    process.stop()
 
-    return Client(app_url, verbose=False)
+
+@pytest.fixture(scope="session")
+def app_url(app) -> str:
+    return app.url
+
+
+@pytest.fixture(scope="session")
+def client(app):
+    return app.client()

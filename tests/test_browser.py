@@ -1,18 +1,25 @@
-"""A real browser (Playwright driving Debian's chromium) loads the default model and chats with it."""
+"""A real browser (Playwright driving Debian's chromium) used the way people use the app.
+
+Screenshots of each step land in `test-artifacts/` (git-ignored) for a human to look at.
+"""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import QUESTION
+from conftest import QUESTION, ROOT, subprocess_env
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a closed network and a root user; without the background-networking ones chromium keeps
 # trying to reach Google's hosts.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "test-artifacts"
+WAITING = "waiting for the model"
 
 # Records every distinct text of the conversation (the chatbot's ARIA log), to prove the answer streams in.
 WATCH_CHAT = """() => {
@@ -25,37 +32,114 @@ WATCH_CHAT = """() => {
 }"""
 
 
-@pytest.fixture()
-def page(app_url, tmp_path):
+@pytest.fixture(scope="module")
+def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(app_url)
-        yield page
-        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        yield browser
         browser.close()
 
 
-def test_browser_loads_default_model_and_streams_an_answer(page, tmp_path):
+def open_page(browser, url: str, width: int = 1280, height: int = 900):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    page.get_by_role("tab", name="Model").wait_for()
+    return page
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def open_sampling(page) -> None:
+    box = page.get_by_label("Greedy")
+    if box.count() == 0 or not box.is_visible():
+        page.get_by_text("Sampling", exact=True).click()
+        box.wait_for()
+
+
+def send(page, text: str, greedy: bool = True) -> None:
+    page.get_by_role("tab", name="Generate").click()
+    if greedy:
+        open_sampling(page)
+        page.get_by_label("Greedy").check()
+    page.get_by_label("Message", exact=True).fill(text)
+    page.get_by_role("button", name="Send").click()
+
+
+def last_answer(page, question: str = QUESTION) -> str:
+    """The answer to the last `question` once it carries its 'answered by' footer, without the footer."""
     from playwright.sync_api import expect
 
+    log = page.get_by_role("log", name="chatbot conversation")
+    expect(log).to_contain_text("answered by", timeout=120_000)
+    return log.inner_text().rsplit(question, 1)[1].rsplit("answered by", 1)[0].strip()
+
+
+def test_load_then_stream_an_answer(browser, app_url):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, app_url)
     page.get_by_role("button", name="Load", exact=True).click()
     expect(page.get_by_text("Loaded", exact=False).first).to_be_visible(timeout=180_000)
     expect(page.get_by_text("footprint").first).to_be_visible()
-    page.get_by_role("tab", name="Generate").click()
-    page.get_by_text("Sampling").click()
-    page.get_by_label("Greedy").check()
     page.evaluate(WATCH_CHAT)
-    page.get_by_label("Message").fill(QUESTION)
-    page.get_by_role("button", name="Send").click()
+    send(page, QUESTION)
     conversation = page.get_by_role("log", name="chatbot conversation")
     expect(conversation).to_contain_text("Paris", timeout=120_000)
     expect(page.get_by_text("tok/s").first).to_be_visible(timeout=30_000)
     seen = [text for text in page.evaluate("window.__seen") if QUESTION in text]
     answers = [text.split(QUESTION, 1)[1].strip() for text in seen]
-    partial = [a for a in answers if a and "Paris" not in a]
-    assert partial, answers  # parts of the answer were on the page before the whole of it
-    assert "Paris" in answers[-1] and all(len(a) <= len(b) for a, b in zip(answers, answers[1:]))
-    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
-    assert (tmp_path / "chat.png").stat().st_size > 10_000
+    assert any(WAITING in a for a in answers)  # the question showed at once, marked as waiting
+    streamed = [a for a in answers if a and WAITING not in a]
+    assert [a for a in streamed if "Paris" not in a], answers  # parts of the answer showed before all of it
+    assert "Paris" in streamed[-1] and all(len(a) <= len(b) for a, b in zip(streamed, streamed[1:]))
+    shot(page, "chat")
+
+
+def test_chat_save_chat_again_and_reload_the_save(browser, app):
+    from playwright.sync_api import expect
+
+    page = open_page(browser, app.url)
+    send(page, QUESTION)
+    first = last_answer(page)
+    assert "Paris" in first
+    page.get_by_role("tab", name="Save & push").click()
+    page.get_by_role("button", name="Save on the server").click()
+    expect(page.get_by_text("Saved", exact=False).first).to_be_visible(timeout=180_000)
+    shot(page, "saved")
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_role("button", name="Clear chat").click()
+    send(page, QUESTION)
+    assert last_answer(page) == first
+    folder = max(app.save_dir.glob("*"), key=lambda p: p.stat().st_mtime)
+    reload = ("import sys; sys.path.insert(0, sys.argv[2]); from core import loading, generation; "
+              "from core.spec import LoadSpec, GenerationSpec; m = loading.load(LoadSpec(model=sys.argv[1])); "
+              "print(generation.generate(m, [sys.argv[3]], GenerationSpec(greedy=True, max_new_tokens=128))"
+              ".texts[0])")
+    done = subprocess.run([sys.executable, "-c", reload, str(folder), str(ROOT), QUESTION], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == first
+
+
+def test_stop_then_another_tab_chats(browser, app_url):
+    from playwright.sync_api import expect
+
+    first = open_page(browser, app_url)
+    first.get_by_role("tab", name="Generate").click()
+    open_sampling(first)
+    first.locator("#max-new-tokens input[type=number]").fill("500")
+    send(first, "Write a very long story about a lighthouse keeper and his cat.")
+    log = first.get_by_role("log", name="chatbot conversation")
+    expect(first.locator("#chat-status")).to_contain_text("Generating", timeout=120_000)
+    first.wait_for_timeout(1500)
+    first.get_by_role("button", name="Stop").click()
+    expect(first.locator("#chat-status")).to_contain_text("Stopped", timeout=30_000)
+    expect(log).to_contain_text("stopped · answered by")
+    shot(first, "stopped")
+    second = open_page(browser, app_url)
+    send(second, QUESTION)
+    assert "Paris" in last_answer(second)

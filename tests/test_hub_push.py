@@ -97,6 +97,8 @@ def test_publish_space_to_local_hub(hub_server, tmp_path):
     for name in files - {".gitattributes"}:
         (space / name).parent.mkdir(parents=True, exist_ok=True)
         (space / name).write_bytes(hub_server.read_file("alice/quantized-llm", name, repo_type="space"))
-    imported = subprocess.run([sys.executable, "-c", "import app; app.build(); print('ok')"], cwd=space,
+    build = ("import app; from server.settings import parse_args; from ui.blocks import build; "
+             "from ui.context import AppContext; build(AppContext.create(parse_args([]))); print('ok')")
+    imported = subprocess.run([sys.executable, "-c", build], cwd=space,
                               env={**env, "PYTHONPATH": str(space)}, capture_output=True, text=True, timeout=120)
     assert imported.returncode == 0 and imported.stdout.strip().endswith("ok"), imported.stderr[-2000:]

@@ -1,0 +1,52 @@
+"""What every handler needs: the launch settings, the model worker, the visitor rate limiter; and who is calling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from core.worker import Worker
+from server.access import Action, Caller, identify, require
+from server.limits import RateLimiter
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class AppContext:
+    settings: Settings
+    worker: Worker
+    rate: RateLimiter
+
+    @classmethod
+    def create(cls, settings: Settings, worker: Worker | None = None) -> AppContext:
+        hint = f", APP_QUEUE_SIZE={settings.limits.queue_size}"
+        return cls(settings=settings,
+                   worker=worker or Worker(max_pending=settings.limits.queue_size, limit_hint=hint),
+                   rate=RateLimiter(settings.limits.visitor_requests_per_minute))
+
+    def caller(self, request: gr.Request | None, profile: dict | None = None) -> Caller:
+        login = getattr(request, "username", None) if request is not None else None
+        return identify(self.settings, login, profile if self.settings.on_space else None, self.address(request))
+
+    def admit(self, request: gr.Request | None, profile: dict | None, action: Action) -> Caller:
+        """The caller, once allowed to do `action` and, for a visitor, within the request rate."""
+        caller = self.caller(request, profile)
+        require(caller, action)
+        if not caller.is_owner:
+            self.rate.check(caller.key)
+        return caller
+
+    def address(self, request: gr.Request | None) -> str:
+        if request is None:
+            return "unknown"
+        headers = getattr(request, "headers", None) or {}
+        forwarded = headers.get("x-forwarded-for", "") if (self.settings.trust_proxy or self.settings.on_space) else ""
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+        client = getattr(request, "client", None)
+        return getattr(client, "host", None) or "unknown"
+
+
+def session_of(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
