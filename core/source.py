@@ -33,12 +33,13 @@ def hub_errors_explained(spec: LoadSpec) -> Iterator[None]:
     except (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError) as error:
         raise ModelNotFoundError(_not_found(spec)) from error
     except hub_errors.RevisionNotFoundError as error:
-        raise ModelNotFoundError(f"{spec.model} has no revision {spec.revision!r}; use a branch, tag or "
-                                 "commit that exists, or leave revision empty for 'main'.") from error
+        raise ModelNotFoundError(_no_revision(spec)) from error
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled) as error:
         raise HubUnreachableError(_unreachable(spec)) from error
     except OSError as error:
         text = str(error)
+        if "is not a valid git identifier" in text:
+            raise ModelNotFoundError(_no_revision(spec)) from error
         if "not a valid JSON" in text:
             raise SpecError("model", _shown(spec), "its config.json is not valid JSON; fix or replace the file") from error
         if "couldn't connect" in text or "offline" in text.lower() or "Connection" in text:
@@ -47,6 +48,11 @@ def hub_errors_explained(spec: LoadSpec) -> Iterator[None]:
                 or "Repository Not Found" in text or "is not a local folder" in text:
             raise ModelNotFoundError(_not_found(spec)) from error
         raise
+
+
+def _no_revision(spec: LoadSpec) -> str:
+    return (f"{spec.model} has no revision {spec.revision!r}; use a branch, tag or commit that exists, or leave "
+            "revision empty for 'main'.")
 
 
 def _not_found(spec: LoadSpec) -> str:

@@ -93,11 +93,12 @@ def free_port() -> int:
 class AppProcess:
     """`python app.py` in its own process on a free port, with its own save folder and log."""
 
-    def __init__(self, name: str, session_dir: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, session_dir: Path, env: dict[str, str], args: tuple[str, ...] = (),
+                 save_dir: Path | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.save_dir = session_dir / f"{name}-saves"
+        self.save_dir = save_dir or session_dir / f"{name}-saves"
         self.log_path = session_dir / f"{name}.log"
         full_env = subprocess_env(**{"GRADIO_SERVER_PORT": str(self.port), "APP_SAVE_DIR": str(self.save_dir),
                                      "APP_PRELOAD": "1", **env})
@@ -150,3 +151,16 @@ def app_url(app) -> str:
 @pytest.fixture(scope="session")
 def client(app):
     return app.client()
+
+
+@pytest.fixture(scope="session")
+def shared_app(checkpoint, hub_server, session_dir):
+    """A shared app (APP_SHARED=1, no login): everyone is an anonymous visitor. The owner's HF_TOKEN is in its
+    environment and its save folder inside Gradio's temp folder, the worst place it could be."""
+    gradio_tmp = session_dir / "shared-gradio-tmp"
+    env = {**hub_server.env(session_dir / "shared-hf-home"), "HF_TOKEN": WRITE_TOKEN, "APP_SHARED": "1",
+           "GRADIO_TEMP_DIR": str(gradio_tmp), "APP_RATE_LIMIT": "0"}
+    process = AppProcess("shared-app", session_dir, env, save_dir=gradio_tmp / "saves")
+    process.gradio_tmp = gradio_tmp
+    yield process
+    process.stop()

@@ -25,17 +25,6 @@ VISITOR_REFUSED = "Only the owner of this app may"
 
 
 @pytest.fixture(scope="module")
-def shared_app(checkpoint, hub_server, session_dir):
-    gradio_tmp = session_dir / "shared-gradio-tmp"
-    env = {**hub_server.env(session_dir / "shared-hf-home"), "HF_TOKEN": WRITE_TOKEN, "APP_SHARED": "1",
-           "GRADIO_TEMP_DIR": str(gradio_tmp), "APP_RATE_LIMIT": "0"}
-    process = AppProcess("shared-app", session_dir, env)
-    process.gradio_tmp = gradio_tmp
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
 def visitor(shared_app):
     return shared_app.client()
 

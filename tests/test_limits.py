@@ -1,0 +1,177 @@
+"""Strangers' load and input, replayed against real app processes: every limit refuses with its name and value,
+a failed load never loses the model, every field is validated, and names reach the page escaped.
+
+Each test checks that nothing was lost afterwards: the model still answers, the queue still moves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client.exceptions import AppError
+
+from conftest import QUESTION, AppProcess
+from test_app import STORY, answer, content
+
+
+def still_answers(client) -> None:
+    started = time.perf_counter()
+    assert "Paris" in answer(client)[0]
+    assert time.perf_counter() - started < 30
+
+
+# ----------------------------------------------------------------------------- row 5: limits
+
+
+def test_row5_oversized_input_is_refused_with_its_limit_and_others_are_served(shared_app):
+    visitor = shared_app.client()
+    with pytest.raises(AppError, match=r"1,000,000 characters; the limit is 16,000 \(APP_MAX_MESSAGE_CHARS=16000\)"):
+        answer(visitor, "x" * 1_000_000)
+    with pytest.raises(AppError, match=r"at most 2,048 fit: the app's limit \(APP_MAX_INPUT_TOKENS=2048\)"):
+        answer(visitor, "Paris is lovely. " * 900)  # 15,300 characters, about 4,500 tokens
+    with pytest.raises(AppError, match=r"Value 1024 is greater than maximum value 512"):  # the slider's own bound
+        answer(visitor, QUESTION, max_new_tokens=1024)
+    still_answers(shared_app.client())
+
+
+@pytest.fixture(scope="module")
+def busy_app(checkpoint, session_dir):
+    """A visitor app with a tiny queue and a low rate, to reach both limits."""
+    process = AppProcess("busy-app", session_dir, {"APP_SHARED": "1", "APP_QUEUE_SIZE": "2", "APP_RATE_LIMIT": "12"})
+    yield process
+    process.stop()
+
+
+def test_row5_the_queue_and_the_visitor_rate_are_bounded(busy_app):
+    clients = [busy_app.client() for _ in range(4)]
+    running = clients[0].submit(message=STORY, max_new_tokens=300, greedy=True, api_name="/generate")
+    while not running.outputs():
+        time.sleep(0.05)
+    waiting = [c.submit(message=QUESTION, max_new_tokens=8, greedy=True, api_name="/generate") for c in clients[1:3]]
+    for job in waiting:
+        while not job.outputs():
+            time.sleep(0.05)
+    with pytest.raises(AppError, match=r"queue is full: 2 requests are waiting .*limit 2, APP_QUEUE_SIZE=2"):
+        answer(clients[3])
+    with pytest.raises(AppError, match=r"visitors may send 12 a minute \(APP_RATE_LIMIT=12\)"):
+        answer(clients[3])  # the fifth request from this address within a second
+    clients[0].predict(api_name="/stop")
+    assert running.result(timeout=60)[1].startswith("Stopped")
+    assert all("Paris" in content(job.result(timeout=60)[0][-1]) for job in waiting)
+    time.sleep(5.5)  # one request's worth of the rate comes back
+    still_answers(busy_app.client())
+
+
+# ----------------------------------------------------------------------------- rows 7 and 8: loads that fail
+
+
+def tiny_model(folder: Path, checkpoint: Path) -> Path:
+    """A two-layer Llama with random weights and the embedded model's tokenizer: a real checkpoint in a second."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(checkpoint / name, folder / name)
+    return folder
+
+
+def test_row7_a_load_that_fails_in_any_way_keeps_the_previous_model(client, checkpoint, tmp_path):
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(checkpoint / "config.json", no_weights / "config.json")
+    corrupt = tiny_model(tmp_path / "corrupt", checkpoint)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    config_only = tmp_path / "bad-config"
+    config_only.mkdir()
+    (config_only / "config.json").write_text("{not json")
+    for folder, refusal in ((no_weights, "previous model was loaded again"),
+                            (corrupt, r"Loading failed .*previous model was loaded again"),
+                            (config_only, "config.json is not valid JSON")):
+        with pytest.raises(AppError, match=refusal):
+            client.predict(model=str(folder), api_name="/load_model")
+        still_answers(client)
+
+
+@pytest.mark.parametrize("budget,quant,offload", [("cpu=100MB", "none", False), ("disk=1GB", "none", False),
+                                                  ("cpu=50MB", "int8", True)])
+def test_row8_budgets_that_would_strand_weights_are_refused_before_loading(client, budget, quant, offload):
+    with pytest.raises(AppError, match="no room on a GPU or the CPU"):
+        client.predict(max_memory=budget, quant=quant, fp32_cpu_offload=offload, api_name="/load_model")
+    still_answers(client)
+
+
+# ----------------------------------------------------------------------------- row 9: escaping
+
+
+@pytest.fixture()
+def default_model_after(client):
+    yield
+    client.predict(api_name="/load_model")
+
+
+def test_row9_names_reach_the_page_as_text(client, app, checkpoint, tmp_path, default_model_after):
+    folder = tiny_model(tmp_path / "m`<img src=x onerror=alert(1)>`", checkpoint)
+    shown = client.predict(model=str(folder), api_name="/load_model")[0]
+    assert "<img" not in shown and "&lt;img src=x onerror=alert\\(1\\)&gt;" in shown and "\\`" in shown
+    history, metrics = client.predict(message="Hi", max_new_tokens=4, greedy=True, api_name="/generate")
+    assert "<img" not in content(history[-1]) and "<img" not in metrics
+    pytest.importorskip("playwright.sync_api")
+    from playwright.sync_api import sync_playwright
+
+    from test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(app.url)
+        page.get_by_text("footprint").first.wait_for(timeout=60_000)
+        assert page.locator("img[src='x']").count() == 0
+        assert "<img src=x onerror=alert(1)>" in page.locator("body").inner_text()  # shown, as text
+        browser.close()
+
+
+# ----------------------------------------------------------------------------- row 10: every field validated
+
+
+@pytest.mark.parametrize("fields,refusal", [
+    (dict(model="a" * 500), r"model='a{77}\.\.\.' is not valid: .*Hub id"),
+    (dict(revision="v9"), r"revision='v9' is not valid: a revision applies to Hub models only"),
+    (dict(int8_threshold=-1, quant="int8"), r"int8_threshold=-1.0 is not valid"),
+    (dict(max_memory="0=1GB, 0=2GB"), r"max_memory=.* is not valid: device 0 is named twice"),
+])
+def test_row10_load_fields_are_validated_by_name(client, fields, refusal):
+    with pytest.raises(AppError, match=refusal):
+        client.predict(**fields, api_name="/load_model")
+
+
+@pytest.mark.parametrize("seed", [-5, 2**32])
+def test_row10_seed_range(client, seed):
+    with pytest.raises(AppError, match=rf"seed={seed} is not valid: use -1 \(random\) or a whole number from 0"):
+        client.predict(message=QUESTION, seed=seed, api_name="/generate")
+
+
+@pytest.mark.parametrize("context,refusal", [(-4, "context_length=-4"), (10**12, "context_length=1000000000000"),
+                                             (0, "context_length=0")])
+def test_row10_fit_inputs(client, context, refusal):
+    with pytest.raises(AppError, match=refusal + r" is not valid: use a number of tokens from 1 to 1,048,576"):
+        client.predict(context_length=context, api_name="/check_fit")
+
+
+def test_row10_missing_revision_and_malformed_history(client, hub_server):
+    if ("model", "alice/revisioned") not in hub_server.repos:
+        hub_server.create_repo("alice/revisioned")
+        hub_server.add_files("alice/revisioned", {"config.json": json.dumps({"model_type": "llama"}).encode()})
+    with pytest.raises(AppError, match="has no revision 'nope'"):
+        client.predict(model="alice/revisioned", revision="nope", api_name="/plan")
+    with pytest.raises(AppError, match="validation error for ChatbotDataMessages") as malformed:  # Gradio's own check
+        client.predict(message=QUESTION, history=[{"role": "wizard", "content": "x"}], api_name="/generate")
+    assert "Unexpected" not in str(malformed.value)
+    still_answers(client)
