@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     import gradio as gr
 
     from core import default_model
-    from ui.blocks import build
+    from ui.blocks import CSS, build
     from ui.context import AppContext
 
     ctx = AppContext.create(settings)
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         ctx.worker.run(lambda engine, job: engine.load(spec), "load")
     build(ctx).launch(server_name=settings.host, server_port=settings.port, share=settings.share,
                       auth=login_check(settings), blocked_paths=blocked_paths(settings),
-                      max_file_size=settings.limits.max_file_size, theme=gr.themes.Soft(), show_error=True)
+                      max_file_size=settings.limits.max_file_size, theme=gr.themes.Soft(), css=CSS,
+                      show_error=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ each module landed, dtype, quantization, load time, and the attention implementa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,13 +75,16 @@ def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
     """Validates, resolves and loads. Raises EngineError subclasses for every problem a user can fix."""
     progress = progress or (lambda fraction, message: None)
     checked = validate(spec, cuda_device_count())
-    progress(0.02, f"Resolving {checked.model}")
+    progress(0.02, f"Resolving {'the embedded SmolLM2-135M-Instruct' if checked.is_embedded else checked.model}")
     path = source.resolve(checked, progress)
     started = time.perf_counter()
     progress(0.35, "Loading tokenizer")
     tokenizer = _load_tokenizer(checked, path)
-    progress(0.45, f"Loading weights ({describe(checked.quant)})")
-    model = _from_pretrained(checked, path)
+    action = f"Loading weights and quantizing them ({describe(checked.quant)})" if checked.quant.enabled \
+        else f"Loading weights ({checked.dtype})"
+    progress(0.4, action)
+    with _weight_progress(progress, 0.4, 0.93, action):
+        model = _from_pretrained(checked, path)
     model.eval()
     originals = bnb_repack.capture(model)  # before the first forward repacks 4-bit weights on the CPU
     seconds = time.perf_counter() - started
@@ -92,6 +96,27 @@ def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
         parameters=count_parameters(model), stored_elements=sum(p.numel() for p in model.parameters()),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, spec=checked, report=report, bnb_originals=originals)
+
+
+@contextmanager
+def _weight_progress(progress: Progress, start: float, end: float, label: str) -> Iterator[None]:
+    """Routes transformers' "Loading weights" bar (one step per tensor) into `progress`, through its tqdm hook."""
+    from transformers.utils import logging as hf_logging
+
+    from core.source import progress_bar
+
+    bar = progress_bar(progress, start, end, label)
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") == "Loading weights":
+            return bar(*args, **kwargs)
+        return factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
 
 
 def count_parameters(model) -> int:

@@ -1,14 +1,24 @@
 """Where a model comes from (the embedded default, a local folder or the Hub), and its config.
 
-Hub and file-system failures are turned into `ModelNotFoundError` or `HubUnreachableError` here,
-so that every caller gets the same message for the same problem.
+Hub models are downloaded with `snapshot_download` (only the config, tokenizer and one weight
+format), so a load can report download progress file by file. Before any Hub call a 3-second probe
+checks that the Hub can be reached at all: huggingface_hub retries a refused connection for about
+25 s, so without the probe an offline user waited that long for the error. When the Hub is out of
+reach, models already in the local cache still load. Hub and file-system failures are turned into
+`ModelNotFoundError` or `HubUnreachableError` here, so every caller gets the same message for the
+same problem.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from urllib.parse import urlparse
 
+from huggingface_hub import constants
 from huggingface_hub import errors as hub_errors
 
 from core import default_model
@@ -18,11 +28,103 @@ from core.spec import LoadSpec
 Progress = Callable[[float, str], None]
 
 
+PROBE_SECONDS = 3.0
+_probe: dict[str, float | bool] = {"at": -1e9, "ok": True}
+
+
+def is_hub_id(spec: LoadSpec) -> bool:
+    return not spec.is_embedded and not spec.model.startswith("/")
+
+
+def hub_reachable() -> bool:
+    """Whether a TCP connection to the Hub endpoint opens within 3 s (remembered for 30 s)."""
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                              "ALL_PROXY", "all_proxy")):
+        return True  # only the proxy can tell; let huggingface_hub try
+    now = time.monotonic()
+    if now - float(_probe["at"]) < 30:
+        return bool(_probe["ok"])
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=PROBE_SECONDS).close()
+        ok = True
+    except OSError:
+        ok = False
+    _probe.update(at=now, ok=ok)
+    return ok
+
+
 def resolve(spec: LoadSpec, progress: Progress | None = None) -> str:
-    """The path or Hub id that from_pretrained should read for this spec."""
+    """The local folder that from_pretrained should read for this spec (downloading a Hub model first)."""
     if spec.is_embedded:
         return str(default_model.ensure_checkpoint(progress))
-    return spec.model
+    if not is_hub_id(spec):
+        return spec.model
+    return _download(spec, progress or (lambda fraction, message: None))
+
+
+def _download(spec: LoadSpec, progress: Progress) -> str:
+    from huggingface_hub import HfApi, snapshot_download
+
+    with hub_errors_explained(spec):
+        if not hub_reachable():
+            return snapshot_download(spec.model, revision=spec.revision, local_files_only=True)
+        progress(0.05, f"Looking up {spec.model} on the Hub")
+        files = [f.rfilename for f in HfApi().model_info(spec.model, revision=spec.revision,
+                                                          token=hub_token(spec)).siblings or []]
+        wanted = files_to_download(files, spec.trust_remote_code)
+        progress(0.08, f"Downloading {len(wanted)} files of {spec.model}")
+        return snapshot_download(spec.model, revision=spec.revision, token=hub_token(spec), allow_patterns=wanted,
+                                 tqdm_class=progress_bar(progress, 0.08, 0.33, f"Downloading {spec.model}"))
+
+
+WEIGHT_FORMATS = (".safetensors", ".bin")  # safetensors when the repo has them: no pickle, and one copy only
+
+
+def files_to_download(files: list[str], trust_remote_code: bool) -> list[str]:
+    """The repo's top-level config, tokenizer and generation files, and its weights in one format."""
+    top = [f for f in files if "/" not in f]
+    kept = [f for f in top if f.endswith((".json", ".model", ".txt", ".jinja", ".tiktoken"))
+            or f.startswith("tokenizer") or (trust_remote_code and f.endswith(".py"))]
+    for suffix in WEIGHT_FORMATS:
+        weights = [f for f in top if f.endswith(suffix) or f.endswith(suffix + ".index.json")]
+        if any(f.endswith(suffix) for f in weights):
+            return sorted(set(kept) | set(weights))
+    return sorted(kept)
+
+
+def progress_bar(progress: Progress, start: float, end: float, label: str):
+    """A tqdm class that reports to `progress`: a bar of steps (files, tensors) moves the fraction from `start` to
+    `end`; a bar of bytes (one file downloading) only updates the text, so the fraction never goes back."""
+    from tqdm.auto import tqdm
+
+    reached = {"fraction": start}
+
+    class Reporting(tqdm):
+        def __init__(self, *args, **kwargs):
+            self.in_bytes = kwargs.get("unit") == "B"
+            kwargs["disable"] = True  # nothing on the terminal; the page shows it
+            super().__init__(*args, **kwargs)
+
+        def __iter__(self):  # a disabled tqdm iterates without counting
+            for item in self.iterable:
+                yield item
+                self.update(1)
+
+        def update(self, n=1):
+            self.n += 1 if n is None else n
+            if not self.total:
+                return
+            if self.in_bytes:
+                progress(reached["fraction"], f"{label}: {self.n / 2**20:,.0f} of {self.total / 2**20:,.0f} MiB")
+                return
+            reached["fraction"] = start + (end - start) * min(1.0, self.n / self.total)
+            progress(reached["fraction"], f"{label}: {self.n}/{self.total}")
+
+    return Reporting
 
 
 @contextmanager
@@ -76,11 +178,12 @@ def load_config(spec: LoadSpec, progress: Progress | None = None):
     """The model's `PretrainedConfig`, read without loading weights. Imports no code unless trust_remote_code."""
     from transformers import AutoConfig
 
-    path = resolve(spec, progress)
+    path = str(default_model.ensure_checkpoint(progress)) if spec.is_embedded else spec.model
     with hub_errors_explained(spec):
         try:
             return AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                                              token=hub_token(spec))
+                                              token=hub_token(spec),
+                                              local_files_only=is_hub_id(spec) and not hub_reachable())
         except ValueError as error:
             first = (str(error).strip().splitlines() or [""])[0][:200]
             if "trust_remote_code" in str(error):

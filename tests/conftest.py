@@ -7,6 +7,7 @@ checkpoint cache, the Hugging Face home) live in a temporary folder for the whol
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,23 @@ def loaded_models(checkpoint):
         return cache[mode]
 
     return get
+
+
+def tiny_model(folder: Path, checkpoint: Path, **generation: object) -> Path:
+    """A two-layer Llama with random weights and the embedded model's tokenizer: a real checkpoint in a second."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048)
+    model = LlamaForCausalLM(config)
+    for key, value in generation.items():  # sampling settings of the model's own generation_config.json
+        setattr(model.generation_config, key, value)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(checkpoint / name, folder / name)
+    return folder
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -165,3 +183,21 @@ def shared_app(checkpoint, hub_server, session_dir):
     process.gradio_tmp = gradio_tmp
     yield process
     process.stop()
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Flags for a closed network and a root user; without the background-networking ones chromium keeps
+# trying to reach Google's hosts.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+

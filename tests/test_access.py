@@ -163,29 +163,26 @@ def test_the_owner_who_logs_in_may_everything_another_login_only_what_visitors_m
     assert "alice" in login_app.log() and "pw-a" not in login_app.log()
 
 
-def test_a_visitor_sees_the_owner_only_controls_disabled_with_the_reason(shared_app):
-    pytest.importorskip("playwright.sync_api")
-    from playwright.sync_api import expect, sync_playwright
+def test_a_visitor_sees_the_owner_only_controls_disabled_with_the_reason(shared_app, browser):
+    from playwright.sync_api import expect
 
-    from test_browser import CHROMIUM, CHROMIUM_ARGS, shot
+    from test_browser import shot
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(shared_app.url)
-        expect(page.locator("#role-banner")).to_contain_text("You are a visitor", timeout=60_000)
-        load = page.get_by_role("button", name="Load (owner only)")
-        expect(load).to_be_disabled()
-        shot(page, "visitor-model-tab")
-        page.get_by_role("tab", name="Save & push").click()
-        expect(page.get_by_role("button", name="Save on the server (owner only)")).to_be_disabled()
-        expect(page.get_by_role("button", name="Push to the Hub (owner only)")).to_be_disabled()
-        page.get_by_role("tab", name="Compare").click()
-        expect(page.get_by_role("button", name="Compare (owner only)")).to_be_disabled()
-        page.get_by_role("tab", name="Generate").click()
-        expect(page.get_by_label("Fast path (owner only)")).to_be_disabled()
-        page.get_by_label("Message", exact=True).fill(QUESTION)
-        page.get_by_role("button", name="Send").click()  # what visitors may do still works
-        expect(page.get_by_role("log", name="chatbot conversation")).to_contain_text("answered by", timeout=120_000)
-        shot(page, "visitor-chat")
-        browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(shared_app.url)
+    expect(page.locator("#role-banner")).to_contain_text("You are a visitor", timeout=60_000)
+    load = page.get_by_role("button", name="Load (owner only)")
+    expect(load).to_be_disabled()
+    shot(page, "visitor-model-tab")
+    page.get_by_role("tab", name="Save & push").click()
+    expect(page.get_by_role("button", name="Save on the server (owner only)")).to_be_disabled()
+    expect(page.get_by_role("button", name="Push to the Hub (owner only)")).to_be_disabled()
+    page.get_by_role("tab", name="Compare").click()
+    expect(page.get_by_role("button", name="Compare (owner only)")).to_be_disabled()
+    page.get_by_role("tab", name="Generate").click()
+    expect(page.get_by_label("Fast path (owner only)")).to_be_disabled()
+    page.get_by_label("Message", exact=True).fill(QUESTION)
+    page.get_by_role("button", name="Send").click()  # what visitors may do still works
+    expect(page.get_by_role("log", name="chatbot conversation")).to_contain_text("answered by", timeout=120_000)
+    shot(page, "visitor-chat")
+    page.close()

@@ -56,6 +56,26 @@ def test_api_names_and_named_parameters(client):
     assert "Planned for 2 GPUs; this machine has no GPU" in shown
 
 
+def test_the_default_settings_answer_paris_in_at_least_19_of_20_seeded_runs(app):
+    visitor = app.client()  # only the message and a seed: everything else as the form starts
+    answers = [content(visitor.predict(message=QUESTION, seed=seed, api_name="/generate")[0][-1])
+               for seed in range(20)]
+    assert sum("Paris" in a for a in answers) >= 19, answers
+
+
+def test_sampling_defaults_come_from_the_models_generation_config(client, checkpoint, tmp_path):
+    from conftest import tiny_model
+
+    folder = tiny_model(tmp_path / "sampler", checkpoint, do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
+    try:
+        _, _, greedy, temperature, top_p, top_k, _, note = client.predict(model=str(folder), api_name="/load_model")
+        assert (greedy, temperature, top_p, top_k) == (False, 0.6, 0.95, 20)
+        assert "from the model's generation config (do_sample True, temperature 0.6, top_p 0.95, top_k 20)" in note
+    finally:
+        _, _, greedy, *_, note = client.predict(api_name="/load_model")
+    assert greedy is True and "sets none, so greedy" in note
+
+
 def test_preloaded_default_model_answers(client):
     history, metrics = ask(client)
     assert history[-1]["role"] == "assistant" and "Paris" in content(history[-1])

@@ -5,7 +5,6 @@ Screenshots of each step land in `test-artifacts/` (git-ignored) for a human to 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -13,11 +12,6 @@ import pytest
 
 from conftest import QUESTION, ROOT, subprocess_env
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Flags for a closed network and a root user; without the background-networking ones chromium keeps
-# trying to reach Google's hosts.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = ROOT / "test-artifacts"
 WAITING = "waiting for the model"
 
@@ -32,20 +26,38 @@ WATCH_CHAT = """() => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 def open_page(browser, url: str, width: int = 1280, height: int = 900):
     page = browser.new_page(viewport={"width": width, "height": height})
     page.goto(url)
     page.get_by_role("tab", name="Model").wait_for()
     return page
+
+
+def open_tab(page, name: str) -> None:
+    """Clicks a tab, through the "More tabs" menu where a narrow screen folds it away."""
+    tab = page.get_by_role("tab", name=name)
+    if tab.is_visible():
+        tab.click()
+        return
+    page.get_by_role("button", name="More tabs").click()
+    page.get_by_role("button", name=name, exact=True).filter(visible=True).click()
+
+
+WATCH_STATUS = """() => {
+  window.__status = [];
+  setInterval(() => {
+    const el = document.querySelector('#chat-status');
+    const text = el ? el.innerText.trim() : '';
+    if (window.__status[window.__status.length - 1] !== text) window.__status.push(text);
+  }, 10);
+}"""
+
+
+def wait_for_new_answer(page, timeout_ms: int = 120_000) -> None:
+    """After a Send or Retry started with WATCH_STATUS running: until a later status carries the metrics."""
+    page.wait_for_function("() => { const s = window.__status; const i = s.findIndex(t => t.startsWith('Waiting')"
+                           " || t.startsWith('Generating')); return i >= 0 && s.slice(i).some(t => t.includes("
+                           "'tok/s')); }", timeout=timeout_ms)
 
 
 def shot(page, name: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from gradio_client.exceptions import AppError
 
-from conftest import QUESTION, AppProcess
+from conftest import QUESTION, AppProcess, tiny_model
 from test_app import STORY, answer, content
 
 
@@ -69,20 +69,6 @@ def test_row5_the_queue_and_the_visitor_rate_are_bounded(busy_app):
 # ----------------------------------------------------------------------------- rows 7 and 8: loads that fail
 
 
-def tiny_model(folder: Path, checkpoint: Path) -> Path:
-    """A two-layer Llama with random weights and the embedded model's tokenizer: a real checkpoint in a second."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(checkpoint / name, folder / name)
-    return folder
-
-
 def test_row7_a_load_that_fails_in_any_way_keeps_the_previous_model(client, checkpoint, tmp_path):
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
@@ -117,25 +103,18 @@ def default_model_after(client):
     client.predict(api_name="/load_model")
 
 
-def test_row9_names_reach_the_page_as_text(client, app, checkpoint, tmp_path, default_model_after):
+def test_row9_names_reach_the_page_as_text(client, app, checkpoint, tmp_path, default_model_after, browser):
     folder = tiny_model(tmp_path / "m`<img src=x onerror=alert(1)>`", checkpoint)
     shown = client.predict(model=str(folder), api_name="/load_model")[0]
     assert "<img" not in shown and "&lt;img src=x onerror=alert\\(1\\)&gt;" in shown and "\\`" in shown
     history, metrics = client.predict(message="Hi", max_new_tokens=4, greedy=True, api_name="/generate")
     assert "<img" not in content(history[-1]) and "<img" not in metrics
-    pytest.importorskip("playwright.sync_api")
-    from playwright.sync_api import sync_playwright
-
-    from test_browser import CHROMIUM, CHROMIUM_ARGS
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(app.url)
-        page.get_by_text("footprint").first.wait_for(timeout=60_000)
-        assert page.locator("img[src='x']").count() == 0
-        assert "<img src=x onerror=alert(1)>" in page.locator("body").inner_text()  # shown, as text
-        browser.close()
+    page = browser.new_page()
+    page.goto(app.url)
+    page.get_by_text("footprint").first.wait_for(timeout=60_000)
+    assert page.locator("img[src='x']").count() == 0
+    assert "<img src=x onerror=alert(1)>" in page.locator("body").inner_text()  # shown, as text
+    page.close()
 
 
 # ----------------------------------------------------------------------------- row 10: every field validated

@@ -15,6 +15,11 @@ from ui import chat_tab, compare_tab, model_tab, render, save_tab
 from ui.context import AppContext
 
 OWNER_ONLY = "owner only"
+CSS = """
+#compare-out table { table-layout: auto; width: 100%; }
+#compare-out th, #compare-out td { word-break: normal; overflow-wrap: normal; }
+#compare-out th, #compare-out td:not(:nth-child(2)) { white-space: nowrap; }
+"""
 
 
 def role_banner(ctx: AppContext, caller: Caller) -> str:
@@ -70,7 +75,9 @@ def build(ctx: AppContext) -> gr.Blocks:
         demo.load(on_open, None, page_outputs, api_visibility="private", queue=False)
         model.load_button.click(model.load_handler, model.fields,
                                 [model.load_out, chat.fast_toggle, *chat.sampling, chat.defaults_note],
-                                api_name="load_model", concurrency_limit=None, show_progress_on=[model.load_out])
+                                api_name="load_model", concurrency_limit=None, show_progress_on=[model.load_out]
+                                ).success(lambda: "A new model is loaded: its metrics appear after its first answer.",
+                                          None, chat.status, queue=False, api_visibility="private")
     demo.queue(default_concurrency_limit=None, max_size=ctx.settings.limits.queue_size)
     return demo
 

@@ -87,14 +87,14 @@ def build(ctx: AppContext) -> ChatTab:
         clear = gr.Button("Clear chat", size="sm")
     status = gr.Markdown(elem_id="chat-status")
     with gr.Row():
-        fast_toggle = gr.Checkbox(label="Fast path", value=False)
+        fast_toggle = gr.Checkbox(label="Fast path", value=False, elem_id="fast-toggle")
         fast_out = gr.Markdown()
     with gr.Accordion("Sampling", open=False):
-        defaults_note = gr.Markdown("Sampling defaults: load a model to take them from its generation config.")
+        defaults_note = gr.Markdown("Sampling defaults: taken from the loaded model's generation config.")
         with gr.Row():
             max_new_tokens = gr.Slider(1, limits.max_new_tokens, value=min(128, limits.max_new_tokens), step=1,
                                        label=f"Max new tokens (at most {limits.max_new_tokens})", elem_id="max-new-tokens")
-            greedy = gr.Checkbox(label="Greedy", value=False)
+            greedy = gr.Checkbox(label="Greedy", value=generation.CONSERVATIVE.greedy)
             seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
         with gr.Row():
             temperature = gr.Slider(0.05, 2.0, value=0.7, label="Temperature")
@@ -106,7 +106,7 @@ def build(ctx: AppContext) -> ChatTab:
     sampling = [max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, system_prompt]
 
     @user_errors(ctx)
-    def generate(message: str, history: list | None = None, max_new_tokens: int = 128, greedy: bool = False,
+    def generate(message: str, history: list | None = None, max_new_tokens: int = 128, greedy: bool = True,
                  temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
                  seed: int = -1, system_prompt: str = "", request: gr.Request = None,
                  profile: gr.OAuthProfile | None = None):
@@ -193,6 +193,9 @@ def build(ctx: AppContext) -> ChatTab:
                 concurrency_limit=None, show_progress_on=[status])
     undo.click(undo_last, chatbot, chatbot, api_visibility="private", queue=False)
     clear.click(lambda: ([], ""), None, [chatbot, status], api_visibility="private", queue=False)
-    fast_toggle.input(set_fast_path, fast_toggle, fast_out, api_name="set_fast_path", concurrency_limit=None)
+    fast_toggle.input(set_fast_path, fast_toggle, fast_out, api_name="set_fast_path", concurrency_limit=None,
+                      show_progress_on=[fast_out]).success(
+        lambda on: f"Fast path turned {'on' if on else 'off'}: the next answer's metrics show its effect.",
+        fast_toggle, status, queue=False, api_visibility="private")
     return ChatTab(chatbot=chatbot, status=status, fast_toggle=fast_toggle,
                    sampling=[greedy, temperature, top_p, top_k, repetition_penalty], defaults_note=defaults_note)

@@ -20,6 +20,7 @@ from ui import jobs, render
 from ui.context import AppContext
 from ui.errors import user_errors
 
+OUTDATED = "**Outdated**: the form has changed since this was computed; press the button again.\n\n"
 QUANT_CHOICES = [("none (full precision)", "none"), ("LLM.int8() 8-bit", "int8"), ("FP4 4-bit", "fp4"),
                  ("NF4 4-bit", "nf4")]
 
@@ -174,6 +175,11 @@ def build(ctx: AppContext) -> ModelTab:
 
     tab.load_handler = load_model
 
+    for field in fields:  # a result says what it was computed for, and is marked once its inputs change
+        field.change(outdated, [plan_out, fit_out], [plan_out, fit_out], queue=False, api_visibility="private",
+                     show_progress="hidden")
+    for field in (context_length, batch_size):
+        field.change(outdated, fit_out, fit_out, queue=False, api_visibility="private", show_progress="hidden")
     plan_button.click(plan, fields, plan_out, api_name="plan", concurrency_limit=2, concurrency_id="planning")
     fit_button.click(check_fit, [*fields, context_length, batch_size], [fit_out, fix_choice, fixes, fix_error],
                      api_name="check_fit", concurrency_limit=2, concurrency_id="planning",
@@ -181,6 +187,12 @@ def build(ctx: AppContext) -> ModelTab:
     fix_button.click(apply_fix, [fix_choice, fixes], [quant, fp32_cpu_offload, max_memory, context_length, fix_error],
                      api_visibility="private", show_progress_on=[fix_error])
     return tab
+
+
+def outdated(*shown: str):
+    """The shown results, each marked as outdated (once)."""
+    marked = [text if not text or text.startswith(OUTDATED) else OUTDATED + text for text in shown]
+    return marked[0] if len(marked) == 1 else tuple(marked)
 
 
 def loadable_here(spec: LoadSpec) -> bool:

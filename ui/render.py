@@ -57,7 +57,7 @@ def gpu_note(planned: int, here: int) -> str:
     if planned > here:
         return (f"Planned for {gpus(planned)}; this machine has {gpus(here)}, so it can't load this placement here "
                 "(useful to size a bigger machine).")
-    return f"Planned for {gpus(planned)}; this machine has {gpus(here)}."
+    return f"Planned for {'the CPU only' if planned == 0 else gpus(planned)}; this machine has {gpus(here)}."
 
 
 def load(report: LoadReport, fast: FastPathState) -> str:
@@ -110,10 +110,12 @@ def comparison(rows: Sequence[VariantResult]) -> str:
         if row.error:
             lines.append(f"| {esc(row.quantization)} | failed: {esc(row.error)} | | | |")
             continue
-        agreement = f"{row.agreement:.0%}" if row.agreement is not None else "n/a"
+        agreement = (f"{row.agreement:.0%} of {row.compared_tokens} tokens" if row.agreement is not None
+                     else "n/a")
         lines.append(f"| {esc(row.quantization)} | {esc(row.text)} | {row.decode_tokens_per_s:.1f} | "
                      f"{mib(row.footprint_bytes)} | {agreement} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", "Agreement: the share of answer tokens equal to full precision's, over the length "
+                                    "both answers have; speed measured after a warm-up."])
 
 
 def fit_report(report: FitReport, gpus_here: int) -> str:
