@@ -183,13 +183,18 @@ def test_t5_11b_planned_over_two_gpus_counts_encoder_decoder_and_where_the_cache
 
 def test_the_seeds_t5_11b_figures_from_its_config(t5_11b):
     """The seed's claim, estimated from the config alone: 42 GB in fp32 (GiB, in fact); 8-bit now needs about a third,
-    not a quarter, because transformers keeps wo (3.2 of the 11.3 billion parameters) out of quantization."""
-    total = {mode: fit.estimate(LoadSpec(model=str(t5_11b), dtype="float32" if mode == "fp32" else "bfloat16",
-                                         quant=QuantSpec(mode="none" if mode == "fp32" else mode),
-                                         max_memory=parse_max_memory("0=200GB")), context_length=192).devices[0].weights
-             for mode in ("fp32", "int8", "nf4")}
-    assert round(total["fp32"] / 2**30) == 42
-    assert 0.30 < total["int8"] / total["fp32"] < 0.34 and 0.23 < total["nf4"] / total["fp32"] < 0.26
+    not a quarter, because transformers keeps wo (3.2 of the 11.3 billion parameters) out of quantization, in the load
+    dtype, and in fp32 for a float16 load."""
+    def weights(dtype: str, mode: str) -> int:
+        spec = LoadSpec(model=str(t5_11b), dtype=dtype, quant=QuantSpec(mode=mode),
+                        max_memory=parse_max_memory("0=200GB"))
+        return fit.estimate(spec, context_length=192).devices[0].weights
+
+    fp32 = weights("float32", "none")
+    assert round(fp32 / 2**30) == 42
+    assert 0.30 < weights("bfloat16", "int8") / fp32 < 0.34 and 0.23 < weights("bfloat16", "nf4") / fp32 < 0.26
+    wo = 48 * 65536 * 1024
+    assert weights("float16", "int8") - weights("bfloat16", "int8") == wo * 2  # upcast after placing, counted
 
 
 # ----------------------------------------------------------------------------- generation
