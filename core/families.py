@@ -61,7 +61,6 @@ ENCODER_DECODER = Family(name="encoder-decoder", label="encoder-decoder (text-to
                          auto_class="AutoModelForSeq2SeqLM", pipeline_tag="text2text-generation",
                          padding_side="right",  # the encoder reads the whole input; the decoder starts fresh
                          examples="T5, Flan-T5, mT5, BART and the like")
-FAMILIES = (CAUSAL, ENCODER_DECODER)
 
 # Heads of other tasks, as `architectures` names them, in the words the refusal uses (first match wins).
 _OTHER_TASKS = (
