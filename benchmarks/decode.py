@@ -29,6 +29,7 @@ tokens under any change of kernel). A table is printed; --results appends it to 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -269,7 +270,10 @@ def load(model: str, quant: str, device: str) -> tuple:
                     device_map=parse_device_map("cuda:0" if device == "cuda" else "cpu"))
     started = time.perf_counter()
     loaded = loading.load(spec)
-    return loaded, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    gc.collect()  # loading leaves the 16-bit state dict to the collector: it would count in every peak
+    torch.cuda.empty_cache() if device == "cuda" else None
+    return loaded, seconds
 
 
 def torchao_peer(model: str, peer: str, device: str) -> tuple:
@@ -298,10 +302,10 @@ def run(args: argparse.Namespace) -> list[Row]:
             del loaded
             torch.cuda.empty_cache() if device == "cuda" else None
         for peer in [p for p in args.peers.split(",") if p]:
-            try:
+            try:  # last: torchao's quantize_ also changes Inductor's global settings
                 loaded, load_s = torchao_peer(model, peer, device)
-            except ImportError as error:
-                print(f"torchao peer {peer} skipped: {error}", flush=True)
+            except Exception as error:  # torchao missing, or its kernels not built for this machine
+                print(f"torchao peer {peer} skipped: {type(error).__name__}: {error}", flush=True)
                 continue
             rows += run_rows(loaded, model_name, f"torchao-{peer}", load_s, prompt_of(loaded, args.prompt_len),
                              bandwidth, args, paths_of=lambda _, batch, __: ["graph+compile"] if batch == 1 else [])

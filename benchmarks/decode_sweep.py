@@ -93,7 +93,7 @@ def _silu(outs: list) -> torch.Tensor:
 
 
 def _ours(fmt: str, x: torch.Tensor, ws: list, outs: list, silu: bool, blocks: Blocks | None,
-          table: torch.Tensor | None) -> Callable:
+          decode: str) -> Callable:
     if x.shape[0] > 1:
         if fmt == "int8":
             return lambda: w8a16.launch_gemm(x, ws[0][0], ws[0][1], outs[0], blocks)
@@ -102,7 +102,7 @@ def _ours(fmt: str, x: torch.Tensor, ws: list, outs: list, silu: bool, blocks: B
         return lambda: gemv16.launch_gemv(x, ws, outs, silu, blocks)
     if fmt == "int8":
         return lambda: w8a16.launch_gemv(x, [w[0] for w in ws], [w[1] for w in ws], outs, silu, blocks)
-    return lambda: w4a16.launch_gemv(x, ws, outs, silu, blocks, table)
+    return lambda: w4a16.launch_gemv(x, ws, outs, silu, blocks, decode)
 
 
 def _variants(fmt: str, rows: int, n: int, k: int) -> list[tuple[str, Blocks | None]]:
@@ -121,7 +121,7 @@ def _variants(fmt: str, rows: int, n: int, k: int) -> list[tuple[str, Blocks | N
 def _op(fmt: str, name: str, outs_n: list[int], k: int, silu: bool, bandwidth: float, layers: int = LAYERS):
     torch.manual_seed(0)
     sets = [[_weights(fmt, n, k) for n in outs_n] for _ in range(layers)]
-    table = w4a16.prmt_tables(sets[0][0].code) if fmt == "nf4" else None
+    decode = w4a16.prmt_tables(sets[0][0].code) if fmt == "nf4" else ""
     per_layer = sum(_bytes(fmt, w) for w in sets[0])
     lines = []
     for rows in ((1,) if len(outs_n) > 1 else (1, 8)):
@@ -139,7 +139,7 @@ def _op(fmt: str, name: str, outs_n: list[int], k: int, silu: bool, bandwidth: f
             outs = [[torch.full((rows, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
                      for n in (outs_n[:1] if silu else outs_n)] for _ in sets]
             try:
-                runs = [_ours(fmt, x, ws, o, silu, blocks, table) for ws, o in zip(sets, outs)]
+                runs = [_ours(fmt, x, ws, o, silu, blocks, decode) for ws, o in zip(sets, outs)]
                 runs[0]()
                 error = max(((o.double() - e).norm() / e.norm()).item() for o, e in zip(outs[0], expected))
                 lines.append(_line(fmt, name, rows, label, graph_time_us(runs), per_layer, bandwidth, f"{error:.1e}"))

@@ -19,8 +19,8 @@ for stage in ${STAGES:-tests decode split}; do
     tests) timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
     sweep) timeout "${SWEEP_S:-200}" python3 benchmarks/decode.py --model llama8b --sweep --results "$OUT/sweep.md" 2>&1 | tail -80 ;;
     decode) timeout "${DECODE_S:-420}" python3 benchmarks/decode.py --model llama8b --quant "${QUANTS:-none,nf4,int8}" \
-        --batch "${BATCH:-1,8}" --paths "${PATHS:-graph,kernels}" --compile "${COMPILE:-none,nf4,int8}" \
-        --compile-mode "${COMPILE_MODE:-default}" --peers "${PEERS:-int8wo,int4wo}" --prompt-len 128 --new "${NEW:-128}" \
+        --batch "${BATCH:-1,8}" --paths "${PATHS:-graph,kernels}" --compile "${COMPILE-none,nf4,int8}" \
+        --compile-mode "${COMPILE_MODE:-default}" --peers "${PEERS-int8wo,int4wo}" --prompt-len 128 --new "${NEW:-128}" \
         --repeats 1 --raw ${PROFILE:+--profile "$OUT/profiles.txt"} --tokenizer "$WHL/tokenizer" \
         --results "$OUT/decode.md" --json "$OUT/decode.json" 2>&1 | grep -v "Loading weights\|Writing model" | tail -60 ;;
     split) timeout "${SPLIT_S:-120}" python3 benchmarks/split.py --model smol --tokenizer "$WHL/tokenizer" 2>&1 | tee "$OUT/split.md" | tail -8 ;;

@@ -35,11 +35,3 @@ def interpreted(kernel) -> bool:
 
     return isinstance(kernel, InterpretedFunction)
 
-
-def multiprocessors(device) -> int:
-    """Streaming multiprocessors of a GPU; a small stand-in under the interpreter (block sizes only)."""
-    import torch
-
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -72,7 +72,7 @@ def _fusable(members: list[Layer | None]) -> bool:
         return False
     if first.kind == "4bit":  # one code table, block size and decode table for the whole launch
         return all(not m.packed.nested and m.packed.blocksize == first.packed.blocksize
-                   and (m.table is None) == (first.table is None)
+                   and m.decode == first.decode
                    and torch.equal(m.packed.code, first.packed.code) for m in members)
     return True
 
@@ -90,7 +90,7 @@ def _grouped(members: list[Layer], silu_pair: bool) -> Callable[[torch.Tensor], 
         from core.kernels import w4a16
 
         packed, dtype = [m.packed for m in members], first.compute_dtype
-        return lambda x: [o.to(x.dtype) for o in w4a16.apply_group(x.to(dtype), packed, silu_pair, first.table)]
+        return lambda x: [o.to(x.dtype) for o in w4a16.apply_group(x.to(dtype), packed, silu_pair, first.decode)]
     from core.kernels import gemv16
 
     weights = [m.module.weight for m in members]

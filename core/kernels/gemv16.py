@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from core.kernels import multiprocessors
 from core.kernels.tiling import Blocks, gemv_blocks, gemv_grid, outputs, rows_of, segment, three, three_rows
 
 
@@ -62,8 +61,7 @@ def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], outs: list[torch.T
                 blocks: Blocks | None = None) -> None:
     """One activation row x ([1, K], unit stride) against up to three weights, into outs."""
     rows = [w.shape[0] for w in weights]
-    blocks = blocks or gemv_blocks(sum(rows), x.shape[-1], multiprocessors(x.device),
-                                   weight_bits=8 * weights[0].element_size())
+    blocks = blocks or gemv_blocks(x.shape[-1], 8 * weights[0].element_size())
     gemv_kernel[gemv_grid(rows, blocks.block_n, silu_pair)](
         x, *three(weights), *three(outs), *three_rows(rows), K=x.shape[-1], BLOCK_N=blocks.block_n,
         BLOCK_K=blocks.block_k, SILU_PAIR=silu_pair, num_warps=blocks.warps)

@@ -22,7 +22,7 @@ class Layer:
     module: torch.nn.Module
     kind: str  # "int8", "4bit" or "16bit"
     packed: w4a16.Packed | None = None
-    table: torch.Tensor | None = field(default=None, repr=False)  # 4-bit: prmt_tables(code), GPU + 16-bit x
+    decode: str = field(default="", repr=False)  # 4-bit: w4a16.prmt_tables(code) on a GPU with 16-bit x
     activations: torch.dtype = torch.bfloat16  # int8: the model's dtype (the layer itself has none)
 
     @property
@@ -61,7 +61,7 @@ class Layer:
         """Layers with equal keys run the same kernel specialization: one measurement covers them."""
         extra = ()
         if self.kind == "4bit":
-            extra = (self.packed.blocksize, self.packed.nested, self.table is not None)
+            extra = (self.packed.blocksize, self.packed.nested, self.decode)
         return (self.kind, self.label, self.out_features, self.in_features, self.compute_dtype, *extra)
 
     def int8_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -72,7 +72,7 @@ class Layer:
         if self.kind == "int8":
             return w8a16.linear(x, *self.int8_weights())
         if self.kind == "4bit":
-            out = w4a16.apply(x.to(self.compute_dtype), self.packed, self.table)
+            out = w4a16.apply(x.to(self.compute_dtype), self.packed, self.decode)
         else:
             out = gemv16.gemv(x, [self.module.weight], False)[0]
         if self.module.bias is not None:
@@ -131,7 +131,7 @@ def _four_bit(module) -> Layer | None:
         return None
     compute = module.compute_dtype or torch.bfloat16
     prmt = module.weight.is_cuda and compute in SIXTEEN_BIT and not interpreted(w4a16.gemv_kernel)
-    return Layer(module, "4bit", packed, w4a16.prmt_tables(state.code) if prmt else None)
+    return Layer(module, "4bit", packed, w4a16.prmt_tables(state.code) if prmt else "")
 
 
 def _bitsandbytes():

@@ -1,8 +1,8 @@
 """Tile shapes shared by the kernels, and one launch over up to three weights that share an input.
 
 Batch-1 decode is bound by the bytes in flight: a GEMV program streams BLOCK_N weight rows, and the
-grid should give each multiprocessor several programs. The shapes here are the starting points;
-`benchmarks/decode.py --sweep` times the alternatives on the device.
+grid should give each multiprocessor several programs. The shapes here are the ones
+`benchmarks/decode.py --sweep` measured fastest on an H200.
 
 At batch 1 a decode step is ~225 GEMVs, and the small ones (an 8B model's k and v: 8 MB in bf16,
 2 MB in 4-bit) cost their launch and tail more than their bytes. The GEMV kernels therefore take
@@ -26,22 +26,28 @@ class Blocks:
     block_m: int = 1
 
 
-def gemv_blocks(n: int, k: int, sms: int, weight_bits: int, tile_bytes: int = 8192, k_multiple: int = 1) -> Blocks:
-    """Rows per program for about four programs per multiprocessor; a K step of ~`tile_bytes` of
-    weights that divides K when `k_multiple` > 1 (4-bit: whole absmax blocks)."""
-    block_n = 16
-    while block_n > 1 and -(-n // block_n) < 4 * sms:
-        block_n //= 2
-    target = max(64, tile_bytes * 8 // (weight_bits * block_n))
-    if k_multiple == 1:
-        return Blocks(block_n, min(triton.next_power_of_2(k), target))
-    return Blocks(block_n, dividing(k, target, k_multiple))
+def gemv_blocks(k: int, weight_bits: int, silu_pair: bool = False, k_multiple: int = 64) -> Blocks:
+    """Tile shape of a one-token GEMV, from `decode.py --sweep` on an H200 (8B shapes, RESULTS.md).
+
+    Many small programs won for 16- and 8-bit weights: two rows each, a K step of ~8 KB of weights
+    (a whole 4096-wide int8 row), so every multiprocessor keeps several programs' loads in flight;
+    rows whose length is no power of two (14336) take the largest dividing step and more rows. The
+    4-bit kernel is bound by its decode instructions, not by loads: its shape mattered little, except
+    that gate/up (two row sets per program) preferred more, shorter rows."""
+    if weight_bits == 4:
+        if silu_pair:
+            return Blocks(16, dividing(k, 1024, k_multiple))
+        return Blocks(4, dividing(k, 4096, k_multiple))
+    block_k = dividing(k, 8192 * 8 // (weight_bits * 2), 16)
+    block_n = max(2, 8192 * 8 // (weight_bits * block_k))
+    return Blocks(block_n, block_k, warps=8 if weight_bits == 16 or block_n > 2 else 4)
 
 
 def gemm_blocks(m: int, k: int, k_multiple: int = 1) -> Blocks:
-    """tl.dot needs 16 at least in each dimension; skinny batches keep many column blocks in flight."""
+    """tl.dot needs 16 at least in each dimension; for 2-16 rows the sweep preferred 32 columns and
+    a K step of 256."""
     if m <= 16:
-        return Blocks(block_n=32, block_k=dividing(k, 128, k_multiple) if k_multiple > 1 else 128, block_m=16)
+        return Blocks(block_n=32, block_k=dividing(k, 256, k_multiple) if k_multiple > 1 else 256, block_m=16)
     return Blocks(block_n=64, block_k=dividing(k, 64, k_multiple) if k_multiple > 1 else 64, block_m=64)
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from core.kernels import interpreted, multiprocessors
+from core.kernels import interpreted
 from core.kernels.tiling import (Blocks, gemm_blocks, gemv_blocks, gemv_grid, outputs, rows_of, segment, three,
                                   three_rows)
 
@@ -114,55 +114,58 @@ def _nibble(words, e: tl.constexpr):
 # Nibble j of a word is element j ^ 1. Per 4 nibbles: two byte permutes pick each nibble's low byte
 # from table entries 0-7 and 8-15 (3-bit selectors), a third keeps the right one (bit 3), likewise
 # for the high bytes; two more pair low and high bytes into bf16x2, and fp32 is bf16 << 16.
-_PRMT_DECODE = tl.constexpr("""{
-.reg .b32 s, sel, a, b, lo, hi, p, q;
-and.b32 s, $8, 0x77777777;
-and.b32 sel, $8, 0x88888888;
-shr.u32 sel, sel, 1;
-or.b32 sel, sel, 0x32103210;
-prmt.b32 a, $9, $10, s;
-prmt.b32 b, $11, $12, s;
+_PRMT_HALF = """prmt.b32 a, {L0}, {L1}, s;
+prmt.b32 b, {L2}, {L3}, s;
 prmt.b32 lo, a, b, sel;
-prmt.b32 a, $13, $14, s;
-prmt.b32 b, $15, $16, s;
+prmt.b32 a, {H0}, {H1}, s;
+prmt.b32 b, {H2}, {H3}, s;
 prmt.b32 hi, a, b, sel;
 prmt.b32 p, lo, hi, 0x5140;
 prmt.b32 q, lo, hi, 0x7362;
-and.b32 $0, p, 0xffff0000;
-shl.b32 $1, p, 16;
-and.b32 $2, q, 0xffff0000;
-shl.b32 $3, q, 16;
-shr.u32 s, s, 16;
-shr.u32 sel, sel, 16;
-prmt.b32 a, $9, $10, s;
-prmt.b32 b, $11, $12, s;
-prmt.b32 lo, a, b, sel;
-prmt.b32 a, $13, $14, s;
-prmt.b32 b, $15, $16, s;
-prmt.b32 hi, a, b, sel;
-prmt.b32 p, lo, hi, 0x5140;
-prmt.b32 q, lo, hi, 0x7362;
-and.b32 $4, p, 0xffff0000;
-shl.b32 $5, p, 16;
-and.b32 $6, q, 0xffff0000;
-shl.b32 $7, q, 16;
-}""")
+and.b32 ${o0}, p, 0xffff0000;
+shl.b32 ${o1}, p, 16;
+and.b32 ${o2}, q, 0xffff0000;
+shl.b32 ${o3}, q, 16;
+"""
 
 
-def prmt_tables(code: torch.Tensor) -> torch.Tensor:
-    """int32 [8] for DECODE_PRMT: the low bytes of the 16 codes as bf16 (4 per word), then the high bytes."""
-    bits = code.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
-    values = torch.cat([bits & 0xFF, bits >> 8]).reshape(8, 4)
-    return (values[:, 0] | values[:, 1] << 8 | values[:, 2] << 16 | values[:, 3] << 24).to(torch.int32)
+_PRMT_DECODE = tl.constexpr(
+    "{\n.reg .b32 s, sel, a, b, lo, hi, p, q;\n"
+    "and.b32 s, $8, 0x77777777;\nand.b32 sel, $8, 0x88888888;\nshr.u32 sel, sel, 1;\nor.b32 sel, sel, 0x32103210;\n"
+    + _PRMT_HALF.format(L0="$9", L1="$10", L2="$11", L3="$12", H0="$13", H1="$14", H2="$15", H3="$16",
+                        o0=0, o1=1, o2=2, o3=3)
+    + "shr.u32 s, s, 16;\nshr.u32 sel, sel, 16;\n"
+    + _PRMT_HALF.format(L0="$9", L1="$10", L2="$11", L3="$12", H0="$13", H1="$14", H2="$15", H3="$16",
+                        o0=4, o1=5, o2=6, o3=7) + "}")
+NO_TABLE = (0,) * 8
+
+
+def prmt_tables(code: torch.Tensor) -> str:
+    """The decode table for DECODE_PRMT, as the kernels' `decode` argument: 8 int32 words, hex,
+    comma-separated (a string, so that torch.library and Triton's constexprs carry it as is): the low
+    bytes of the 16 codes as bf16, 4 per word, then the high bytes. Made once, on the host."""
+    bits = code.to(torch.bfloat16).view(torch.int16).to(torch.int32).cpu() & 0xFFFF
+    words = [sum(int(v) << (8 * i) for i, v in enumerate(part)) for part in
+             torch.cat([bits & 0xFF, bits >> 8]).reshape(8, 4)]
+    return ",".join(f"0x{w:08x}" for w in words)
+
+
+def _table(decode: str) -> tuple[int, ...]:
+    """prmt_tables' words as int32 constants (NO_TABLE for the fp32-table path)."""
+    if not decode:
+        return NO_TABLE
+    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in (int(h, 16) for h in decode.split(",")))
 
 
 @triton.jit
-def _codes(words, code_ptr, PRMT: tl.constexpr):
+def _codes(words, code_ptr, salt, PRMT: tl.constexpr, TABLE: tl.constexpr):
     """fp32 codes of the 8 elements of each word, in element order."""
     if PRMT:
-        t = [tl.load(code_ptr + i + words * 0) for i in (0, 1, 2, 3, 4, 5, 6, 7)]
+        # The table words are OR-ed with `salt` (always 0, but per row): as plain constants ptxas kept
+        # them in uniform registers and copied one to a vector register before every permute.
         v = tl.inline_asm_elementwise(_PRMT_DECODE, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-                                      [words, t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]],
+                                      [words, salt | TABLE[0], salt | TABLE[1], salt | TABLE[2], salt | TABLE[3],
+                                       salt | TABLE[4], salt | TABLE[5], salt | TABLE[6], salt | TABLE[7]],
                                       dtype=(tl.int32,) * 8, is_pure=True, pack=1)
         return [x.to(tl.float32, bitcast=True) for x in v]
     else:
@@ -172,7 +175,7 @@ def _codes(words, code_ptr, PRMT: tl.constexpr):
 @triton.jit
 def row_dots(x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, rows, live,
              K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr,
-             PRMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             PRMT: tl.constexpr, TABLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 [BLOCK_N]: x · dequantized(W[row]) for each of `rows` (BLOCK_K divides K).
 
     The packed bytes are read as int32 words (8 weights each, wide loads); the products of each
@@ -181,10 +184,11 @@ def row_dots(x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, c
     GROUP: tl.constexpr = BLOCKSIZE // 8  # words per absmax block
     rows64 = rows.to(tl.int64)
     acc = tl.zeros([BLOCK_N, WORDS // GROUP], tl.float32)
+    salt = (rows[:, None] >> 31) + tl.zeros([BLOCK_N, WORDS], tl.int32)
     for start in range(0, K // 8, WORDS):
         cols = start + tl.arange(0, WORDS)
         words = tl.load(words_ptr + rows64[:, None] * (K // 8) + cols[None, :], mask=live[:, None], other=0)
-        codes = _codes(words, code_ptr, PRMT)
+        codes = _codes(words, code_ptr, salt, PRMT, TABLE)
         part = tl.zeros([BLOCK_N, WORDS], tl.float32)
         for e in tl.static_range(8):
             part += codes[e] * tl.load(x_ptr + cols * 8 + e).to(tl.float32)[None, :]
@@ -197,7 +201,8 @@ def row_dots(x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, c
 @triton.jit
 def gemv_kernel(x_ptr, p0, p1, p2, a0, a1, a2, o0, o1, o2, N0, N1, N2, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
                 K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr,
-                PRMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr):
+                PRMT: tl.constexpr, TABLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SILU_PAIR: tl.constexpr):
     """One activation row against up to three 4-bit weights (core.kernels.tiling; nested absmax: one
     weight only). With SILU_PAIR, weights 0 and 1 are gate and up and o0 gets silu(gate) · up."""
     pid = tl.program_id(0)
@@ -205,16 +210,16 @@ def gemv_kernel(x_ptr, p0, p1, p2, a0, a1, a2, o0, o1, o2, N0, N1, N2, absmax2_p
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N0
         gate = row_dots(x_ptr, p0, a0, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, rows, live, K, BLOCKSIZE,
-                        NESTED, BLOCK2, PRMT, BLOCK_N, BLOCK_K)
+                        NESTED, BLOCK2, PRMT, TABLE, BLOCK_N, BLOCK_K)
         up = row_dots(x_ptr, p1, a1, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, rows, live, K, BLOCKSIZE,
-                      NESTED, BLOCK2, PRMT, BLOCK_N, BLOCK_K)
+                      NESTED, BLOCK2, PRMT, TABLE, BLOCK_N, BLOCK_K)
         tl.store(o0 + rows, (gate * tl.sigmoid(gate) * up).to(o0.dtype.element_ty), mask=live)
     else:
         p, a, o, n, first = segment(pid, N0, N1, N2, p0, p1, p2, a0, a1, a2, o0, o1, o2, BLOCK_N)
         rows = first + tl.arange(0, BLOCK_N)
         live = rows < n
         dots = row_dots(x_ptr, p, a, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, rows, live, K, BLOCKSIZE,
-                        NESTED, BLOCK2, PRMT, BLOCK_N, BLOCK_K)
+                        NESTED, BLOCK2, PRMT, TABLE, BLOCK_N, BLOCK_K)
         tl.store(o + rows, dots.to(o.dtype.element_ty), mask=live)
 
 
@@ -265,15 +270,16 @@ def _nested(w: Packed) -> dict:
 
 
 def launch_gemv(x: torch.Tensor, weights: list[Packed], outs: list[torch.Tensor], silu_pair: bool = False,
-                blocks: Blocks | None = None, table: torch.Tensor | None = None) -> None:
+                blocks: Blocks | None = None, decode: str = "") -> None:
     """One activation row x ([1, K], unit stride) against up to three weights of one code table and
-    block size, into outs. `table` (`prmt_tables(code)`): decode with byte permutes (16-bit x, GPU)."""
+    block size, into outs. `decode`: `prmt_tables(code)` to decode with byte permutes (GPU, 16-bit
+    x), or "" for lookups in the fp32 table."""
     first, k = weights[0], x.shape[-1]
     rows = [w.shape[0] for w in weights]
-    blocks = blocks or gemv_blocks(sum(rows), k, multiprocessors(x.device), weight_bits=4, k_multiple=first.blocksize)
+    blocks = blocks or gemv_blocks(k, 4, silu_pair, k_multiple=first.blocksize)
     gemv_kernel[gemv_grid(rows, blocks.block_n, silu_pair)](
         x, *three([w.words for w in weights]), *three([w.absmax for w in weights]), *three(outs), *three_rows(rows),
-        code_ptr=first.code if table is None else table, K=k, BLOCKSIZE=first.blocksize, PRMT=table is not None,
+        code_ptr=first.code, K=k, BLOCKSIZE=first.blocksize, PRMT=bool(decode), TABLE=_table(decode),
         BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, SILU_PAIR=silu_pair, num_warps=blocks.warps,
         **_nested(first))
 
@@ -294,47 +300,47 @@ def launch_gemm(x2: torch.Tensor, w: Packed, out: torch.Tensor, blocks: Blocks |
 @torch.library.custom_op("llm_app::w4a16_linear", mutates_args=())
 def linear(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
            absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None, block2: int,
-           table: torch.Tensor | None) -> torch.Tensor:
+           decode: str) -> torch.Tensor:
     """A bitsandbytes 4-bit layer's forward from its stored bytes (`Packed`'s fields, flattened for
-    torch.library). A torch op, so torch.compile and CUDA graphs hold it. `table`: see launch_gemv."""
+    torch.library). A torch op, so torch.compile and CUDA graphs hold it. `decode`: see launch_gemv."""
     w = Packed(data, absmax, code, (n, x.shape[-1]), blocksize, absmax2, code2, offset, block2)
     x2 = rows_of(x)
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     if x2.shape[0] == 1:
-        launch_gemv(x2, [w], [out], table=table)
+        launch_gemv(x2, [w], [out], decode=decode)
     else:
         launch_gemm(x2, w, out)
     return out.reshape(*x.shape[:-1], n)
 
 
 @linear.register_fake
-def _(x, data, absmax, code, n, blocksize, absmax2, code2, offset, block2, table):
+def _(x, data, absmax, code, n, blocksize, absmax2, code2, offset, block2, decode):
     return x.new_empty((*x.shape[:-1], n))
 
 
-def apply(x: torch.Tensor, w: Packed, table: torch.Tensor | None = None) -> torch.Tensor:
+def apply(x: torch.Tensor, w: Packed, decode: str = "") -> torch.Tensor:
     return linear(x, w.data, w.absmax, w.code, w.shape[0], w.blocksize, w.absmax2, w.code2, w.offset, w.block2,
-                  table)
+                  decode)
 
 
 @torch.library.custom_op("llm_app::w4a16_gemv", mutates_args=())
 def gemv(x: torch.Tensor, datas: list[torch.Tensor], absmaxes: list[torch.Tensor], code: torch.Tensor,
-         rows: list[int], blocksize: int, table: torch.Tensor | None, silu_pair: bool) -> list[torch.Tensor]:
+         rows: list[int], blocksize: int, decode: str, silu_pair: bool) -> list[torch.Tensor]:
     """One token through up to three 4-bit layers (plain fp32 absmax, one code table) that share it,
     in one launch; with `silu_pair`, two (gate, up) and the result is silu(gate) · up."""
     k = x.shape[-1]
     weights = [Packed(d, a, code, (n, k), blocksize) for d, a, n in zip(datas, absmaxes, rows)]
     outs = outputs(x, rows, silu_pair)
-    launch_gemv(rows_of(x), weights, outs, silu_pair, table=table)
+    launch_gemv(rows_of(x), weights, outs, silu_pair, decode=decode)
     return outs
 
 
 @gemv.register_fake
-def _(x, datas, absmaxes, code, rows, blocksize, table, silu_pair):
+def _(x, datas, absmaxes, code, rows, blocksize, decode, silu_pair):
     return outputs(x, rows, silu_pair)
 
 
-def apply_group(x: torch.Tensor, weights: list[Packed], silu_pair: bool, table: torch.Tensor | None = None):
+def apply_group(x: torch.Tensor, weights: list[Packed], silu_pair: bool, decode: str = ""):
     first = weights[0]
     return gemv(x, [w.data for w in weights], [w.absmax for w in weights], first.code, [w.shape[0] for w in weights],
-                first.blocksize, table, silu_pair)
+                first.blocksize, decode, silu_pair)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from core.kernels import interpreted, multiprocessors
+from core.kernels import interpreted
 from core.kernels.tiling import (Blocks, gemm_blocks, gemv_blocks, gemv_grid, outputs, rows_of, segment, three,
                                   three_rows)
 
@@ -99,7 +99,7 @@ def launch_gemv(x: torch.Tensor, cbs: list[torch.Tensor], scbs: list[torch.Tenso
                 silu_pair: bool = False, blocks: Blocks | None = None) -> None:
     """One activation row x ([1, K], unit stride) against up to three weights, into outs."""
     rows = [cb.shape[0] for cb in cbs]
-    blocks = blocks or gemv_blocks(sum(rows), x.shape[-1], multiprocessors(x.device), weight_bits=8)
+    blocks = blocks or gemv_blocks(x.shape[-1], 8)
     gemv_kernel[gemv_grid(rows, blocks.block_n, silu_pair)](
         x, *three(cbs), *three(scbs), *three(outs), *three_rows(rows), K=x.shape[-1], BLOCK_N=blocks.block_n,
         BLOCK_K=blocks.block_k, SILU_PAIR=silu_pair, num_warps=blocks.warps)
