@@ -6,7 +6,7 @@ kernels, as before core.kernels), `kernels` (the fast path with its own kernels)
 --compile the same two with the graphed step compiled (batch 1). --peers adds torchao's weight-only
 int8 / int4 (group 128) applied to the bf16 model and run through the same graph+compile harness.
 Per row: time to first token, decode tokens/s, footprint, peak memory, % of the bandwidth roofline
-(copy bandwidth measured here), whether greedy tokens equal plain's, and with --raw the pure GPU
+(copy bandwidth measured here, bytes as `weight_bytes` counts them), whether greedy tokens equal plain's, and with --raw the pure GPU
 rate (the captured decode graph replayed back to back, no generate() around it).
 
     python benchmarks/decode.py --model llama8b --quant none,nf4,int8 --batch 1,8 --compile none,nf4,int8 \\
@@ -113,8 +113,12 @@ def random_checkpoint(name: str, root: Path, tokenizer_dir: Path | None) -> Path
 
 
 def weight_bytes(model) -> int:
-    """Bytes read per decode step: the footprint plus bitsandbytes' scales kept outside parameters."""
+    """Bytes one decode step reads: the footprint plus bitsandbytes' scales kept outside parameters,
+    less the input embedding (a step reads one row of it) unless the lm_head shares it."""
     total = model.get_memory_footprint()
+    embedding = model.get_input_embeddings().weight
+    if model.get_output_embeddings().weight is not embedding:
+        total -= embedding.numel() * embedding.element_size()
     for module in model.modules():
         weight = getattr(module, "weight", None)
         state = getattr(weight, "quant_state", None)
@@ -129,9 +133,13 @@ def weight_bytes(model) -> int:
 
 
 def measure(loaded, prompts, new_tokens: int, repeats: int) -> generation.GenerationResult:
+    """The median of `repeats` timed generations after one warm-up. With a CUDA graph the warm-up
+    runs the full length: graphs are captured per cache length, and a shorter warm-up would leave
+    the capture (and the compile) to the first timed run's TTFT."""
     spec = GenerationSpec(greedy=True, max_new_tokens=new_tokens, use_chat_template=False)
-    generation.generate(loaded, prompts, GenerationSpec(greedy=True, max_new_tokens=8, use_chat_template=False),
-                        min_new_tokens=8)  # warm-up: graph capture, compile, kernel choices
+    warm = new_tokens if fastpath.state(loaded).cuda_graph else 8
+    generation.generate(loaded, prompts, GenerationSpec(greedy=True, max_new_tokens=warm, use_chat_template=False),
+                        min_new_tokens=warm)
     results = [generation.generate(loaded, prompts, spec, min_new_tokens=new_tokens) for _ in range(repeats)]
     return sorted(results, key=lambda r: r.metrics.decode_tokens_per_s)[len(results) // 2]
 
@@ -174,12 +182,13 @@ def raw_rate(loaded, batch: int, steps: int = 64) -> float:
     return steps / (start.elapsed_time(end) / 1000)
 
 
+# First match wins: Inductor names its kernels after the ops they fuse (e.g. "..._w4a16_gemv_mean_...").
 FAMILIES = (("own GEMV/GEMM (core.kernels)", ("gemv_kernel", "gemm_kernel")),
-            ("bitsandbytes", ("4bit", "kgemm", "kdequant", "int8", "kInt8")),
-            ("cuBLAS", ("gemv", "gemm", "nvjet", "cutlass", "splitk", "sm90_xmma", "cublas")),
-            ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-            ("torchao", ("tinygemm", "int4", "_weight_int")),
-            ("Inductor/other Triton", ("triton",)))
+            ("attention (incl. Inductor's mask preparation)", ("flash", "fmha", "attention", "sdpa")),
+            ("Inductor/other Triton (norms, rotary, cache writes)", ("triton_",)),
+            ("bitsandbytes", ("4bit", "kgemm", "kdequant", "int8", "kint8")),
+            ("cuBLAS", ("gemv", "gemm", "nvjet", "cutlass", "splitk", "xmma", "cublas")),
+            ("torchao", ("tinygemm", "int4", "_weight_int")))
 
 
 def profile_step(loaded, batch: int, out_file: Path, label: str, steps: int = 3) -> str:

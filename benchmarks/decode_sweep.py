@@ -81,8 +81,9 @@ def _library(fmt: str, x: torch.Tensor, ws: list, silu: bool) -> Callable | None
     if fmt == "bf16":
         outs = lambda: [F.linear(x, w) for w in ws]  # noqa: E731
     else:
-        outs = lambda: [torch.ops.bitsandbytes.gemm_4bit.default(x, w.data.view(-1, 1), list(w.shape), w.absmax,  # noqa: E731
-                                                                 w.blocksize, "nf4") for w in ws]
+        gemm = torch.ops.bitsandbytes.gemm_4bit.default
+        outs = lambda: [gemm(x, w.data.view(-1, 1), list(w.shape), w.absmax, w.blocksize, "nf4")  # noqa: E731
+                        for w in ws]
     if silu:
         return lambda: _silu(outs())
     return outs

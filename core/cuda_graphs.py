@@ -1,7 +1,7 @@
 """The GPU decode step as a CUDA graph, hooked into `model.generate()` without changing the model.
 
 Plain decode at batch 1 is host-bound: an 8B model runs ~1,500 kernel launches per token, and the
-GPU idles ~80% of each step (benchmarks/NOTES_gpu.md). Here the engine owns a `StaticCache` per
+GPU idles ~80% of each step (benchmarks/RESULTS.md). Here the engine owns a `StaticCache` per
 batch size, captures the decode forward once in a CUDA graph (optionally of a `torch.compile`d
 forward), and routes generate() to it through two *instance* attributes that generate() already
 consults: `_valid_auto_compile_criteria` and `get_compiled_call`. Prefill runs normally; each decode

@@ -77,7 +77,7 @@ def _on_gpu(loaded: LoadedModel) -> bool:
 def choose(loaded: LoadedModel, compile_step: bool | None = None, own_kernels: bool = True) -> FastPathChoice:
     """The fastest correct configuration for this model on this machine, with the reason.
 
-    Measured on an H100 with 8B Llama shapes (benchmarks/RESULTS.md, benchmarks/NOTES_gpu.md): plain
+    Measured on an H100 with 8B Llama shapes (benchmarks/RESULTS.md): plain
     decode is host-bound for every dtype (the GPU is busy ~20% of each step), so the decode step is
     replayed as a CUDA graph from a static cache; sdpa stays, since inside the graph it beat eager.
     On the CPU nothing here helps (measured on the embedded model), so the canonical settings stay.
@@ -105,14 +105,16 @@ def choose(loaded: LoadedModel, compile_step: bool | None = None, own_kernels: b
     if quant.mode == "int8" and quant.int8_threshold > 0:
         return FastPathChoice(attn, None, "LLM.int8() with an outlier threshold waits for the GPU inside every "
                                           "layer, so no CUDA graph can hold it; silencing bitsandbytes' per-matmul "
-                                          f"log line is what helps (about 1.5x). The W8A16 kernel would: {missing}.",
+                                          f"log line is what helps (about 1.5x). The fast path's W8A16 kernel would "
+                                          f"allow the graph, but {missing}.",
                               quiet_int8_log=True)
     what = {"none": "16-bit", "int8": "int8 (threshold 0)"}.get(quant.mode, f"4-bit {quant.mode.upper()}")
     reason = (f"{what} decode at small batch is host-bound (the GPU idles ~80% of each step): the step is "
               "replayed as one CUDA graph from a static cache.")
     if quant.bits == 4:
         reason += (" 4-bit layers use the fast path's GEMV for the shapes where one measurement found it faster "
-                   "than bitsandbytes' kernel." if missing is None else f" bitsandbytes' 4-bit kernel stays: {missing}.")
+                   "than bitsandbytes' kernel." if missing is None
+                   else f" bitsandbytes' 4-bit kernel stays: {missing}.")
     return FastPathChoice(attn, "static", reason, **graphed)
 
 

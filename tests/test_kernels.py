@@ -19,6 +19,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,7 +41,7 @@ finally:
 if not kernels.interpreted(w8a16.gemv_kernel):
     pytest.skip("core.kernels was imported compiled before this module; run it on its own", allow_module_level=True)
 
-from conftest import QUESTION  # noqa: E402
+from conftest import QUESTION, subprocess_env  # noqa: E402
 from core.spec import GenerationSpec, LoadSpec, QuantSpec  # noqa: E402
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -170,14 +172,68 @@ def test_prmt_decode_program_gives_each_nibbles_code(quant_type):
         assert torch.equal(decoded, want[nibbles])
 
 
+_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from core.kernels import gemv16, w4a16, w8a16
+from core.kernels.tiling import gemm_blocks, gemv_blocks
+
+def compile(fn, pointers, constants, warps):
+    names = list(fn.arg_names)
+    signature = {**pointers, **{name: "constexpr" for name in constants}}
+    signature.update({n: "i32" for n in names if n not in signature})
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in pointers.items() if t.startswith("*")}
+    triton.compile(ASTSource(fn, signature, constants, aligned), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps})
+
+x = {"x_ptr": "*bf16"}
+outs = {o: "*bf16" for o in ("o0", "o1", "o2")}
+for silu in (False, True):
+    b = gemv_blocks(4096, 8)
+    compile(w8a16.gemv_kernel, {**x, **outs, **{w: "*i8" for w in ("w0", "w1", "w2")},
+            **{s: "*fp32" for s in ("s0", "s1", "s2")}},
+            dict(K=4096, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
+    b = gemv_blocks(4096, 16)
+    compile(gemv16.gemv_kernel, {**x, **outs, **{w: "*bf16" for w in ("w0", "w1", "w2")}},
+            dict(K=4096, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
+    for prmt, nested in ((True, False), (False, True)):
+        b = gemv_blocks(4096, 4, silu, 64)
+        compile(w4a16.gemv_kernel, {**x, **outs, **{p: "*i32" for p in ("p0", "p1", "p2")},
+                **{a: "*u8" if nested else "*fp32" for a in ("a0", "a1", "a2")},
+                **{p: "*fp32" for p in ("absmax2_ptr", "code2_ptr", "offset_ptr", "code_ptr")}},
+                dict(K=4096, BLOCKSIZE=64, NESTED=nested, BLOCK2=256, PRMT=prmt,
+                     TABLE=(1, 2, 3, 4, 5, 6, 7, 8) if prmt else w4a16.NO_TABLE, BLOCK_N=b.block_n,
+                     BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
+g = gemm_blocks(8, 4096, 64)
+compile(w8a16.gemm_kernel, {**x, "cb_ptr": "*i8", "scb_ptr": "*fp32", "out_ptr": "*bf16"},
+        dict(K=4096, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k, FP32_DOT=False, PRECISION="tf32"), 4)
+compile(w4a16.gemm_kernel, {**x, "words_ptr": "*i32", "out_ptr": "*bf16", **{p: "*fp32" for p in (
+        "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "code_ptr")}},
+        dict(K=4096, BLOCKSIZE=64, NESTED=False, BLOCK2=256, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
+             FP32_DOT=False, PRECISION="tf32"), 4)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs Python that Triton's compiler rejects (list comprehensions over ranges,
+    non-constexpr globals): compile each kernel for sm_90, with the ptxas of Triton's wheel, in a
+    process without the interpreter."""
+    env = subprocess_env()
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _HOPPER], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- choices and models
 
 
 def test_selection_keeps_the_faster_and_remembers_it():
     select.forget()
     timings = iter([3.0, 2.0])
-    decision = select.decide(("shape",), "nf4 8x8", [], [], lambda calls: next(timings))
-    assert not decision.ours and "bitsandbytes'" in decision.describe()
+    decision = select.decide(("shape",), "nf4 8x8", [], [], lambda calls: next(timings), "bitsandbytes'")
+    assert not decision.ours and "bitsandbytes' (2.0 µs against ours 3.0)" in decision.describe()
     assert select.decide(("shape",), "nf4 8x8", [], [], lambda calls: 0.0) is decision  # measured once
     assert select.decide(("other",), "nf4 8x8", [], [], _alternating(ours_first_faster=True)).ours
     select.forget()
@@ -254,7 +310,7 @@ def test_losing_kernels_leave_the_library_forward(tiny):
     loaded = _load(tiny, "nf4")
     installed = modules.install(loaded.model, timer=_alternating(ours_first_faster=False))
     try:
-        assert "bitsandbytes'" in installed.summary() and "ours" not in installed.summary()
+        assert "bitsandbytes'" in installed.summary() and ": ours" not in installed.summary()
         assert not [m for m in loaded.model.modules() if "forward" in m.__dict__]
     finally:
         installed.remove()

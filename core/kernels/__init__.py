@@ -1,10 +1,13 @@
 """Triton kernels of the GPU fast path, one module per kernel, each with its PyTorch reference beside it.
 
 - `w8a16`: weight-only int8 over LLM.int8()'s stored CB/SCB (activations stay 16-bit).
-- `w4a16`: 4-bit GEMV over bitsandbytes' packed NF4/FP4 bytes and per-block absmax.
-- `grouped`: the GEMVs of one decoder layer that share an input, in one launch (q/k/v; gate/up + SiLU).
-- `select`: which kernel each 4-bit layer shape uses, decided by one measurement on the GPU.
-- `modules`: installs kernel-backed `forward`s on a loaded model's layers, and removes them exactly.
+- `w4a16`: 4-bit GEMV (and a small-batch GEMM) over bitsandbytes' packed NF4/FP4 bytes and absmax.
+- `gemv16`: one-token GEMV over 16-bit weights.
+- `tiling`: tile shapes, and the one launch over up to three weights that share an input.
+- `layers`: which layers of a loaded model the kernels can read in place.
+- `select`: ours or the library's, decided per shape by one measurement on the GPU.
+- `fusion`: a Llama attention's q/k/v, and an MLP's gate/up with SiLU, each in one launch.
+- `modules`: installs the kernel-backed `forward`s on a loaded model, and removes them exactly.
 
 The kernels run where Triton runs: on a CUDA GPU, or on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1 set before the kernels are defined; the CPU tests do that). `unavailable()` says

@@ -109,7 +109,7 @@ def _measure(entries: list, silu_pair: bool, timer) -> select.Decision:
         theirs = [lambda m=m: m.act_fn(m.gate_proj(x)) * m.up_proj(x) for m, _ in entries]
     else:
         theirs = [lambda m=m: (m.q_proj(x), m.k_proj(x), m.v_proj(x)) for m, _ in entries]
-    return select.decide(key, label, ours, theirs, timer)
+    return select.decide(key, label, ours, theirs, timer, "the separate layers'")
 
 
 def _one_token(x: torch.Tensor) -> bool:

@@ -3,7 +3,8 @@
 A `forward` set on a module instance wins over its class's, so a layer can compute through a kernel
 without any change to its parameters, buffers, class or place in the tree: `str(model)` and the
 state dict stay bitwise equal, and deleting the attribute restores the original. The closures hold
-views of the tensors the layers store (no copies; 4-bit adds a 32-byte decode table per code).
+views of the tensors the layers store: no copies, no extra GPU memory (the 4-bit decode table is a
+kernel constant).
 
 - LLM.int8() layers (`Linear8bitLt`) always run as W8A16 (core.kernels.w8a16), at every batch size.
 - 4-bit layers (`Linear4bit`) run through core.kernels.w4a16 for 1 row and for 2-16 rows wherever one
@@ -101,4 +102,5 @@ def _measure(members: list[Layer], rows: int, timer) -> select.Decision:
     key = (first.device_name, first.key, rows, len(members))
     ours = [lambda layer=layer: layer.kernel(x) for layer in members]
     theirs = [lambda layer=layer: type(layer.module).forward(layer.module, x) for layer in members]
-    return select.decide(key, label, ours, theirs, timer)
+    who = "bitsandbytes'" if first.kind == "4bit" else "cuBLAS'"
+    return select.decide(key, label, ours, theirs, timer, who)

@@ -22,14 +22,16 @@ class Decision:
     label: str  # what was compared, e.g. "nf4 4096x14336, 1 row"
     ours_us: float
     theirs_us: float
+    theirs: str = "the library's"  # who the alternative is: "bitsandbytes'", "cuBLAS'", "separate layers'"
 
     @property
     def ours(self) -> bool:
         return self.ours_us < self.theirs_us
 
     def describe(self) -> str:
-        winner = "ours" if self.ours else "bitsandbytes'"
-        return f"{self.label}: {winner} ({self.ours_us:.1f} µs against {self.theirs_us:.1f})"
+        if self.ours:
+            return f"{self.label}: ours ({self.ours_us:.1f} µs against {self.theirs_us:.1f})"
+        return f"{self.label}: {self.theirs} ({self.theirs_us:.1f} µs against ours {self.ours_us:.1f})"
 
 
 def graph_time_us(calls: Sequence[Call], replays: int = 5) -> float:
@@ -60,11 +62,11 @@ _decided: dict[tuple, Decision] = {}
 
 
 def decide(key: tuple, label: str, ours: Sequence[Call], theirs: Sequence[Call],
-           timer: Callable[[Sequence[Call]], float] = graph_time_us) -> Decision:
-    """Times both (once per key in this process) and returns which is faster."""
+           timer: Callable[[Sequence[Call]], float] = graph_time_us, who: str = "the library's") -> Decision:
+    """Times both (once per key in this process) and returns which is faster; `who` names theirs."""
     if key not in _decided:
         with torch.inference_mode():
-            _decided[key] = Decision(label, timer(ours), timer(theirs))
+            _decided[key] = Decision(label, timer(ours), timer(theirs), who)
     return _decided[key]
 
 

@@ -8,8 +8,8 @@ those bytes in place, so the model and its checkpoint are untouched.
 
 Decoding is the cost of a 4-bit GEMV: one H100 probe had bitsandbytes' kernel at a third of the
 copy bandwidth, and at full bandwidth an H200 SM has about 4 instructions per weight. The GEMV reads
-the packed bytes as int32 words (wide loads; Triton splits byte tiles into single-byte loads) and
-turns each word's 8 nibbles into codes one of two ways:
+the packed bytes as int32 words (one element holds 8 weights, so the nibbles come out of registers)
+and turns each word's 8 nibbles into codes one of two ways:
 - on a GPU with 16-bit activations, byte permutes over the 16 codes held in 8 registers (`prmt`, in
   inline PTX: ~3.5 instructions a weight, no memory traffic, no layout change; the same idea as the
   lookup tables of FLUTE and of llama.cpp's IQ4_NL). The codes are rounded to bf16 on the way, as
