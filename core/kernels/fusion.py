@@ -98,7 +98,7 @@ def _grouped(members: list[Layer], silu_pair: bool) -> Callable[[torch.Tensor], 
 
 
 def _measure(entries: list, silu_pair: bool, timer) -> select.Decision:
-    module, members = entries[0]
+    _, members = entries[0]
     first = members[0]
     x = torch.randn(1, first.in_features, device=first.device, dtype=first.compute_dtype)
     what = "gate/up + SiLU" if silu_pair else "q/k/v"
