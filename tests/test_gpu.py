@@ -133,3 +133,56 @@ def test_bf16_kernels_keep_logits_within_bf16_rounding(model_path):
         finally:
             installed.remove()
     assert ((fast - plain).norm() / plain.norm()).item() < 2e-2
+
+
+_RELOAD_ON_GPU = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+for folder, ids, out in json.loads(sys.argv[1]):
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda:0")
+    with torch.no_grad():
+        torch.save(model(torch.load(ids).cuda()).logits.cpu(), out)
+"""
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "fp4", "nf4"])
+def test_saving_on_the_gpu_never_changes_the_model_and_reloads_equal(model_path, mode, tmp_path):
+    """Issue 10 on the GPU: save fresh, after a chat, fast path on (graph and kernels) and off; the live logits never
+    move, and each folder reloaded in a fresh process by plain transformers gives the canonical logits bitwise."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from core import hub
+
+    loaded = loading.load(LoadSpec(model=model_path, dtype="bfloat16", device_map=parse_device_map("cuda:0"),
+                                   quant=QuantSpec(mode=mode, compute_dtype="bfloat16")))
+    ids = loaded.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    torch.save(ids, tmp_path / "ids.pt")
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return loaded.model(ids.cuda()).logits.cpu()
+
+    facts = hub.CardFacts()
+    hub.save(loaded, tmp_path / "fresh", facts)
+    canonical = logits()
+    generation.generate(loaded, [PROMPTS[0]], GREEDY)
+    assert torch.equal(logits(), canonical)
+    fastpath.enable(loaded)
+    generation.generate(loaded, [PROMPTS[0]], GREEDY)
+    fast = logits()  # the fast path's own kernels: close to, not bitwise equal to, the canonical path
+    hub.save(loaded, tmp_path / "fast-on", facts)
+    assert fastpath.state(loaded).enabled and torch.equal(logits(), fast)
+    fastpath.reverse(loaded)
+    assert torch.equal(logits(), canonical)
+    hub.save(loaded, tmp_path / "fast-off", facts)
+    assert torch.equal(logits(), canonical)
+    jobs = [(str(tmp_path / n), str(tmp_path / "ids.pt"), str(tmp_path / f"{n}.pt")) for n in ("fresh", "fast-on",
+                                                                                               "fast-off")]
+    done = subprocess.run([sys.executable, "-c", _RELOAD_ON_GPU, json.dumps(jobs)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for _, _, out in jobs:
+        assert torch.equal(torch.load(out), canonical), out
