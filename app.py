@@ -1,7 +1,7 @@
 """Entry point: read the launch options, load the default model, build the page, launch.
 
     python app.py [--host 0.0.0.0] [--port 7860] [--share] [--auth alice:secret,bob:other] [--owners alice]
-                  [--trust-remote-code] [--no-preload]
+                  [--trust-remote-code] [--api] [--no-preload]
 
 Every option has an environment variable too (see the README). Importing this module builds
 nothing; `main()` does the work. The page itself is built in ui/, the engine lives in core/, and
@@ -40,13 +40,15 @@ def main(argv: list[str] | None = None) -> None:
     from server.settings import parse_args
 
     settings = parse_args(argv)
+    if settings.api_problem():
+        raise SystemExit(f"error: {settings.api_problem()}")
     for note in settings.warnings():
         log.warning(note)
     import gradio as gr
 
     from core import default_model
     from ui.blocks import CSS, build
-    from ui.context import AppContext
+    from server.context import AppContext
 
     ctx = AppContext.create(settings)
     if settings.preload:
@@ -58,7 +60,14 @@ def main(argv: list[str] | None = None) -> None:
                      "(about 30 s, once; later starts take seconds).")
         log.info("Loading the default model…")
         ctx.worker.run(lambda engine, job: engine.load(spec), "load")
+    routes = []
+    if settings.api:
+        from server import openai_api
+
+        routes = openai_api.routes(ctx)
+        log.info("OpenAI-compatible API on /v1 (%s)", "bearer key required" if settings.api_key else "no key: loopback")
     build(ctx).launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                      app_kwargs={"routes": routes},
                       auth=login_check(settings), blocked_paths=blocked_paths(settings),
                       max_file_size=settings.limits.max_file_size, theme=gr.themes.Soft(), css=CSS,
                       show_error=True)

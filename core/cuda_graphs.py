@@ -1,16 +1,18 @@
 """The GPU decode step as a CUDA graph, hooked into `model.generate()` without changing the model.
 
 Plain decode at batch 1 is host-bound: an 8B model runs ~1,500 kernel launches per token, and the
-GPU idles ~80% of each step (benchmarks/NOTES_gpu.md). Here the engine owns a `StaticCache` per
+GPU idles ~80% of each step (benchmarks/RESULTS.md). Here the engine owns a `StaticCache` per
 batch size, captures the decode forward once in a CUDA graph (optionally of a `torch.compile`d
 forward), and routes generate() to it through two *instance* attributes that generate() already
 consults: `_valid_auto_compile_criteria` and `get_compiled_call`. Prefill runs normally; each decode
 step copies its inputs into the graph's buffers and replays it. No weight, module, config value or
 class attribute changes; `release()` deletes the two attributes and frees caches and graphs.
 
-bitsandbytes 0.50's 4-bit matmul is a torch.library op, so 4-bit layers capture and compile
-cleanly. LLM.int8() with an outlier threshold syncs with the host inside each layer and cannot be
-captured; fastpath.choose() does not use this for it.
+bitsandbytes 0.50's 4-bit matmul and the fast path's own kernels (core.kernels) are torch.library
+ops, so their layers capture and compile cleanly. bitsandbytes' LLM.int8() matmul with an outlier
+threshold syncs with the host inside each layer and cannot be captured: fastpath.choose() graphs
+int8 models only with the W8A16 kernel in its place. `compile_mode` is torch.compile's mode:
+"default", or "max-autotune-no-cudagraphs" (Inductor tunes its kernels; the graph stays ours).
 
 Also here, `defer_stop_checks`: generate() reads "all sequences finished?" from the GPU after every
 step, a host sync; transformers defers that check by one step on Apple GPUs only. Enabling it on
@@ -28,10 +30,10 @@ LENGTH_STEP = 256  # static caches grow in steps of this many tokens, so most re
 
 
 class GraphedDecode:
-    def __init__(self, model, compile_step: bool = False) -> None:
+    def __init__(self, model, compile_step: bool = False, compile_mode: str = "default") -> None:
         self.model = model
         self.compile_step = compile_step
-        self.forward = (torch.compile(model, mode="default", fullgraph=True, dynamic=False)
+        self.forward = (torch.compile(model, mode=compile_mode, fullgraph=True, dynamic=False)
                         if compile_step else model)  # a wrapper: `model` itself is not modified
         self.pool = torch.cuda.graph_pool_handle()
         self.caches: dict[int, object] = {}
@@ -113,6 +115,7 @@ class GraphedDecode:
                 self.forward(**kwargs)
                 rewind()
         torch.cuda.current_stream().wait_stream(side)
+        captured.kwargs = kwargs  # what a benchmark needs to run the step outside the graph (profiles)
         captured.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(captured.graph, pool=self.pool):
             captured.out = self.forward(**kwargs)

@@ -66,6 +66,33 @@ class StreamUpdate:
     cancelled: bool = False
 
 
+class StopText:
+    """Text as it may be shown while stop strings are in play: the answer ends before the first stop string, and a
+    piece that could be the start of one is held back until the next piece tells."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            shown, self.pending, self.stopped = self.pending[:min(found)], "", True
+            return shown
+        hold = max((len(s) - 1 for s in self.stops), default=0)
+        cut = len(self.pending) - hold
+        shown, self.pending = self.pending[:max(cut, 0)], self.pending[max(cut, 0):]
+        return shown
+
+    def finish(self) -> str:
+        rest, self.pending = ("" if self.stopped else self.pending), ""
+        return rest
+
+
 def validate_generation(spec: GenerationSpec) -> None:
     if not 1 <= spec.max_new_tokens <= 8192:
         raise SpecError("max_new_tokens", spec.max_new_tokens, "use a number from 1 to 8192")
@@ -79,6 +106,8 @@ def validate_generation(spec: GenerationSpec) -> None:
         raise SpecError("repetition_penalty", spec.repetition_penalty, "use 1.0 (off) or a value in [0.5, 3]")
     if spec.seed is not None and not 0 <= spec.seed <= MAX_SEED:
         raise SpecError("seed", spec.seed, f"use -1 (random) or a whole number from 0 to {MAX_SEED}")
+    if len(spec.stop) > 4 or any(not s or len(s) > 100 for s in spec.stop):
+        raise SpecError("stop", list(spec.stop), "give up to 4 stop strings of 1 to 100 characters")
 
 
 MAX_SEED = 2**32 - 1  # what numpy's generator, seeded by transformers' set_seed, accepts
@@ -158,6 +187,8 @@ def build_inputs(loaded: LoadedModel, prompts: Sequence[Prompt], spec: Generatio
 def generation_kwargs(loaded: LoadedModel, spec: GenerationSpec) -> dict:
     kwargs: dict = dict(max_new_tokens=spec.max_new_tokens, repetition_penalty=spec.repetition_penalty,
                         pad_token_id=loaded.tokenizer.pad_token_id)
+    if spec.stop:
+        kwargs.update(stop_strings=list(spec.stop), tokenizer=loaded.tokenizer)
     if spec.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
@@ -309,6 +340,11 @@ def stream_to(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec, on_text
     metrics = _metrics(loaded, clock, ended, prompt_len, new_tokens, 1)
     loaded.facts["last_metrics"] = metrics
     return StreamUpdate(text="".join(pieces).strip(), done=True, metrics=metrics, cancelled=cancel.is_set())
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    stop = StopText(stops)
+    return stop.feed(text) + stop.finish()
 
 
 def stream(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec = GenerationSpec(),

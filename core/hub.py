@@ -163,6 +163,7 @@ def build_card(loaded: LoadedModel, facts: CardFacts = CardFacts()):
         lines.append(f"| {name} | {value:.4g} |")
     if facts.sample_prompt and facts.sample_answer:
         lines += ["", "## Sample", "", f"**Prompt:** {facts.sample_prompt}", "", f"**Answer:** {facts.sample_answer}"]
+    lines += serving_section(base, quant.enabled, family)
     lines += ["", "## Library versions", "", "| library | version |", "|---|---|"]
     lines += [f"| {name} | {version} |" for name, version in library_versions().items()]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
@@ -186,6 +187,28 @@ def _load_snippet(family: families.Family) -> list[str]:
         lines += ["inputs = tokenizer(\"Your text\", return_tensors=\"pt\").to(model.device)",
                   "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))"]
     return lines + ["```"]
+
+
+def serving_section(base: str, quantized: bool, family: families.Family) -> list[str]:
+    """How to serve the checkpoint when one GPU and this app are no longer enough. The commands follow vLLM's and
+    TGI's documentation and were not run by this project (they need a GPU server with network access)."""
+    if family.is_encoder_decoder:
+        return ["", "## Serving", "",
+                "vLLM no longer serves T5-style encoder-decoders (it dropped them, Whisper aside, in September 2025: "
+                "vllm-project/vllm#24907). Serve this checkpoint with transformers as above, or with the "
+                "quantized-LLM app and its OpenAI-compatible API."]
+    tgi = (f"TGI quantizes with bitsandbytes while loading and does not read a pre-quantized checkpoint: serve the "
+           f"base model with `--quantize bitsandbytes-nf4` (or `bitsandbytes` for 8-bit):" if quantized else
+           "With TGI:")
+    return ["", "## Serving", "",
+            "vLLM reads this checkpoint as it is (it takes the quantization from `config.json`) and serves the same "
+            "OpenAI-compatible API as the app that saved it, so clients only change their base URL "
+            "(not run by the quantized-LLM app; see vLLM's bitsandbytes page for the modes your version supports):",
+            "", "```bash", "pip install vllm bitsandbytes", 'vllm serve "REPO_ID"', "```", "", tgi, "", "```bash",
+            'docker run --gpus all --shm-size 1g -p 8080:80 -v "$PWD/data:/data" '
+            "ghcr.io/huggingface/text-generation-inference:3.3.5 \\",
+            f"  --model-id {base if quantized else 'REPO_ID'}" + (" --quantize bitsandbytes-nf4" if quantized else ""),
+            "```"]
 
 
 def _base_license(loaded: LoadedModel) -> str | None:
@@ -272,7 +295,7 @@ def _upload_operations(folder: Path, repo_id: str) -> list:
         if not path.is_file() or path.name == saves.MARKER:
             continue
         if path.name == "README.md":
-            card = path.read_text().replace('repo = "REPO_ID"', f'repo = "{repo_id}"')
+            card = path.read_text().replace("REPO_ID", repo_id)
             operations.append(CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=card.encode()))
         else:
             operations.append(CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)))

@@ -100,6 +100,7 @@ class GenerationSpec:
     seed: int | None = None
     use_chat_template: bool = True
     system_prompt: str | None = None
+    stop: tuple[str, ...] = ()  # stop when the answer produces one of these; the answer ends before it
 
 
 # ----------------------------------------------------------------------------- parsing

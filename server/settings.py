@@ -62,6 +62,15 @@ class Settings:
     model_dirs: tuple[Path, ...] = ()
     preload: bool = True
     limits: Limits = field(default_factory=Limits)
+    api: bool = False  # --api / APP_OPENAI_API=1: the OpenAI-compatible endpoint under /v1
+    api_key: str | None = field(default=None, repr=False)  # APP_API_KEY: the bearer key it requires
+
+    def api_problem(self) -> str | None:
+        """Why the API may not start as configured: a shared deployment or a login without a key."""
+        if self.api and not self.api_key and (self.shared or self.auth):
+            return ("--api on a shared app (or one with --auth) needs APP_API_KEY: without a key the endpoint "
+                    "would open a way around the login to anyone who can reach it.")
+        return None
 
     @property
     def on_space(self) -> bool:
@@ -98,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         help="comma-separated user names who own a shared app (APP_OWNERS)")
     parser.add_argument("--trust-remote-code", action="store_true", default=_flag("APP_TRUST_REMOTE_CODE"),
                         help="allow models whose repository ships its own code (APP_TRUST_REMOTE_CODE=1)")
+    parser.add_argument("--api", action="store_true", default=_flag("APP_OPENAI_API"),
+                        help="serve an OpenAI-compatible API under /v1 (APP_OPENAI_API=1; key: APP_API_KEY)")
     parser.add_argument("--no-preload", dest="preload", action="store_false",
                         default=env.get("APP_PRELOAD", "1") != "0",
                         help="start without loading the default model (APP_PRELOAD=0)")
@@ -109,4 +120,5 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         space_author=env.get("SPACE_AUTHOR_NAME") or None, trust_remote_code=args.trust_remote_code,
         trust_proxy=_flag("APP_TRUST_PROXY"), save_dir=saves.save_root(),
         model_dirs=_paths(env.get("APP_MODEL_DIRS", "")), preload=args.preload, limits=Limits.from_env(),
+        api=args.api, api_key=env.get("APP_API_KEY") or None,
     )

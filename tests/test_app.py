@@ -172,7 +172,8 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(app):
     assert time.perf_counter() - started < 8  # the story (500 tokens, about 20 s here) was stopped
 
 
-def test_bad_inputs_get_readable_errors_and_the_model_keeps_answering(client, tmp_path):
+def test_bad_inputs_get_readable_errors_and_the_model_keeps_answering(client, app, tmp_path):
+    start = len(app.log())
     with pytest.raises(AppError, match=r"max_memory=.*like '600MB'") as bad_budget:
         client.predict(max_memory="0=lots", api_name="/load_model")
     assert "Traceback" not in str(bad_budget.value)
@@ -182,7 +183,12 @@ def test_bad_inputs_get_readable_errors_and_the_model_keeps_answering(client, tm
         client.predict(device_map="cuda:0", api_name="/load_model")
     with pytest.raises(AppError, match="type a message first"):
         client.predict(message="  ", api_name="/generate")
+    with pytest.raises(AppError, match="not valid: write it as 'your-name/model-name'"):
+        client.predict(repo_id="no-namespace", api_name="/push_to_hub")
     assert "Paris" in answer(client)[0]
+    logged = app.log()[start:]
+    assert "Traceback" not in logged  # ordinary user errors: one line each, no stack trace
+    assert logged.count(" refused: ") == 5, logged
 
 
 def test_compare_runs_variants_side_by_side(client):
@@ -205,13 +211,14 @@ def test_push_to_local_hub_and_bad_repo(client, hub_server):
     assert OTHER_TOKEN  # bob exists on the server; alice's token just may not write there
 
 
-def test_check_fit_says_what_is_missing_and_offers_fixes(client):
+def test_check_fit_says_what_is_missing_and_offers_fixes(client, app):
     shown, fixes, *_ = client.predict(max_memory="0=300MB", context_length=8192, batch_size=1, api_name="/check_fit")
     assert "**Does not fit**: needs" in shown and "MiB more on cuda:0" in shown and "KV cache" in shown
     assert "Quantize to 4-bit NF4" in shown
     assert "Planned for 1 GPU; this machine has no GPU" in shown
     fits = client.predict(quant="nf4", context_length=512, batch_size=1, api_name="/check_fit")[0]
     assert fits.startswith("**Fits**")
+    assert "is not available, available devices are" not in app.log()  # planning for absent GPUs is the point
 
 
 def test_quality_check_compares_with_full_precision(client):

@@ -48,6 +48,17 @@ def test_a_user_error_is_one_message_and_the_form_stays(browser, app_url):
     expect(page.locator("#chat-status").get_by_text("Error", exact=True)).to_have_count(1)
 
 
+def test_a_failed_push_stays_on_the_page_after_its_toast(browser, app_url):
+    page = open_page(browser, app_url)
+    page.get_by_role("tab", name="Save & push").click()
+    page.get_by_label("Repo id").fill("no-namespace")
+    page.get_by_role("button", name="Push to the Hub").click()
+    expect(page.get_by_text("Failed:", exact=False)).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("write it as 'your-name/model-name'", exact=False).first).to_be_visible()
+    page.wait_for_timeout(11_000)  # the toast is gone after 10 s; the message in the output area stays
+    expect(page.get_by_text("Failed:", exact=False)).to_be_visible()
+
+
 def test_results_say_what_they_were_computed_for_and_go_stale(browser, app_url):
     page = open_page(browser, app_url)
     page.get_by_role("button", name="Plan").click()

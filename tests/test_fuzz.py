@@ -70,27 +70,15 @@ def call(client, api: str, **fields):
 def test_fuzzed_fields_get_results_or_readable_refusals(client, app):
     start = len(app.log())
 
-    @settings(FUZZ, max_examples=40)
-    @given(some_of(LOAD_FIELDS))
-    def plan(fields):
-        call(client, "/plan", **fields)
+    for api, fields, examples in (("/plan", LOAD_FIELDS, 40), ("/check_fit", FIT_FIELDS, 40),
+                                  ("/load_model", LOAD_FIELDS, 20), ("/generate", CHAT_FIELDS, 30)):
+        base = {"message": QUESTION} if api == "/generate" else {}
 
-    @settings(FUZZ, max_examples=40)
-    @given(some_of(FIT_FIELDS))
-    def check_fit(fields):
-        call(client, "/check_fit", **fields)
+        @settings(FUZZ, max_examples=examples)
+        @given(some_of(fields))
+        def fuzz(chosen):
+            call(client, api, **{**base, **chosen})
 
-    @settings(FUZZ, max_examples=20)
-    @given(some_of(LOAD_FIELDS))
-    def load_model(fields):
-        call(client, "/load_model", **fields)
-
-    @settings(FUZZ, max_examples=30)
-    @given(some_of(CHAT_FIELDS))
-    def generate(fields):
-        call(client, "/generate", **{"message": QUESTION, **fields})
-
-    for fuzz in (plan, check_fit, load_model, generate):
         fuzz()
     new_log = app.log()[start:]
     assert "unexpected error in" not in new_log, new_log[new_log.find("unexpected error in"):][:3000]

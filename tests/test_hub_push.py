@@ -44,6 +44,7 @@ def test_push_nf4_round_trip_and_card(loaded_models, hub_server, tmp_path):
     assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and front["license"] == "apache-2.0"
     assert "nf4" in front["tags"] and "bitsandbytes" in front["tags"]
     assert '"bnb_4bit_quant_type": "nf4"' in card and 'repo = "alice/smollm2-nf4"' in card
+    assert 'vllm serve "alice/smollm2-nf4"' in card and "--quantize bitsandbytes-nf4" in card
     assert "12.5 tokens/s" in card and "Paris" in card and "| bitsandbytes | 0.50.2 |" in card
 
     env = subprocess_env(**{**hub_server.env(tmp_path / "hf-home"), "HF_TOKEN": WRITE_TOKEN})
@@ -98,7 +99,7 @@ def test_publish_space_to_local_hub(hub_server, tmp_path):
         (space / name).parent.mkdir(parents=True, exist_ok=True)
         (space / name).write_bytes(hub_server.read_file("alice/quantized-llm", name, repo_type="space"))
     build = ("import app; from server.settings import parse_args; from ui.blocks import build; "
-             "from ui.context import AppContext; build(AppContext.create(parse_args([]))); print('ok')")
+             "from server.context import AppContext; build(AppContext.create(parse_args([]))); print('ok')")
     imported = subprocess.run([sys.executable, "-c", build], cwd=space,
                               env={**env, "PYTHONPATH": str(space)}, capture_output=True, text=True, timeout=120)
     assert imported.returncode == 0 and imported.stdout.strip().endswith("ok"), imported.stderr[-2000:]

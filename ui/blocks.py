@@ -12,7 +12,7 @@ import gradio as gr
 from core import fastpath
 from server.access import Action, Caller, may, visitor_note
 from ui import chat_tab, compare_tab, model_tab, render, save_tab
-from ui.context import AppContext
+from server.context import AppContext
 
 OWNER_ONLY = "owner only"
 CSS = """

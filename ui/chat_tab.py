@@ -20,7 +20,7 @@ from core.spec import GenerationSpec
 from core.worker import Chunk, Queued
 from server.access import Action
 from ui import jobs, render
-from ui.context import AppContext, session_of
+from server.context import AppContext, session_of
 from ui.errors import user_errors
 from ui.model_tab import number
 

@@ -14,7 +14,7 @@ from core.errors import SpecError
 from core.spec import QUANTIZATIONS
 from server.access import Action
 from ui import jobs, render
-from ui.context import AppContext
+from server.context import AppContext
 from ui.errors import user_errors
 from ui.model_tab import number
 

@@ -17,7 +17,7 @@ import gradio as gr
 
 from core.errors import EngineError
 from server.access import redact_paths
-from ui.context import AppContext
+from server.context import AppContext
 
 log = logging.getLogger("app")
 _last_error: dict[str, str] = {}  # session -> the last error message shown to it, for `.failure()` listeners

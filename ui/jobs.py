@@ -9,7 +9,7 @@ import gradio as gr
 
 from core.engine import Engine
 from core.worker import Event, Job, Progress, Queued
-from ui.context import AppContext, session_of
+from server.context import AppContext, session_of
 
 
 def waiting_text(ahead: int) -> str:

@@ -17,7 +17,7 @@ from core.errors import SpecError
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map, parse_max_memory
 from server.access import Action, Caller, checked_model
 from ui import jobs, render
-from ui.context import AppContext
+from server.context import AppContext
 from ui.errors import user_errors
 
 OUTDATED = "**Outdated**: the form has changed since this was computed; press the button again.\n\n"

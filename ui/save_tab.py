@@ -13,7 +13,7 @@ import gradio as gr
 from core import hub, saves
 from server.access import Action, push_token
 from ui import jobs, render
-from ui.context import AppContext
+from server.context import AppContext
 from ui.errors import last_error, user_errors
 
 

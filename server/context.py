@@ -1,10 +1,10 @@
-"""What every handler needs: the launch settings, the model worker, the visitor rate limiter; and who is calling."""
+"""What every handler needs, in the UI and the API alike: the launch settings, the model worker, the visitor rate
+limiter; and who is calling, from a request (a `gr.Request` or a Starlette request: both carry the same fields)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import gradio as gr
+from typing import Any
 
 from core.worker import Worker
 from server.access import Action, Caller, identify, require
@@ -25,11 +25,11 @@ class AppContext:
                    worker=worker or Worker(max_pending=settings.limits.queue_size, limit_hint=hint),
                    rate=RateLimiter(settings.limits.visitor_requests_per_minute))
 
-    def caller(self, request: gr.Request | None, profile: dict | None = None) -> Caller:
+    def caller(self, request: Any, profile: dict | None = None) -> Caller:
         login = getattr(request, "username", None) if request is not None else None
         return identify(self.settings, login, profile if self.settings.on_space else None, self.address(request))
 
-    def admit(self, request: gr.Request | None, profile: dict | None, action: Action) -> Caller:
+    def admit(self, request: Any, profile: dict | None, action: Action) -> Caller:
         """The caller, once allowed to do `action` and, for a visitor, within the request rate."""
         caller = self.caller(request, profile)
         require(caller, action)
@@ -37,7 +37,7 @@ class AppContext:
             self.rate.check(caller.key)
         return caller
 
-    def address(self, request: gr.Request | None) -> str:
+    def address(self, request: Any) -> str:
         if request is None:
             return "unknown"
         headers = getattr(request, "headers", None) or {}
@@ -48,5 +48,5 @@ class AppContext:
         return getattr(client, "host", None) or "unknown"
 
 
-def session_of(request: gr.Request | None) -> str | None:
+def session_of(request: Any) -> str | None:
     return getattr(request, "session_hash", None) if request is not None else None

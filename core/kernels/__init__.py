@@ -1,0 +1,40 @@
+"""Triton kernels of the GPU fast path, one module per kernel, each with its PyTorch reference beside it.
+
+- `w8a16`: weight-only int8 over LLM.int8()'s stored CB/SCB (activations stay 16-bit).
+- `w4a16`: 4-bit GEMV (and a small-batch GEMM) over bitsandbytes' packed NF4/FP4 bytes and absmax.
+- `gemv16`: one-token GEMV over 16-bit weights.
+- `tiling`: tile shapes, and the one launch over up to three weights that share an input.
+- `layers`: which layers of a loaded model the kernels can read in place.
+- `select`: ours or the library's, decided per shape by one measurement on the GPU.
+- `fusion`: a Llama attention's q/k/v, and an MLP's gate/up with SiLU, each in one launch.
+- `modules`: installs the kernel-backed `forward`s on a loaded model, and removes them exactly.
+
+The kernels run where Triton runs: on a CUDA GPU, or on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1 set before the kernels are defined; the CPU tests do that). `unavailable()` says
+why they cannot run here, for the fast path's reason string.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def unavailable(device_type: str) -> str | None:
+    """None when the kernels can run on this device type; otherwise the reason, for the UI."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton), so the fast path's own kernels are off"
+    if device_type == "cuda":
+        return None
+    from core.kernels import w8a16
+
+    if interpreted(w8a16.gemv_kernel):
+        return None
+    return "the fast path's own kernels need a CUDA GPU"
+
+
+def interpreted(kernel) -> bool:
+    """True when `kernel` was defined under Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+

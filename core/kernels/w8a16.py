@@ -1,0 +1,151 @@
+"""Weight-only int8 (W8A16) over LLM.int8()'s stored weights: y = x · (CB · SCB / 127)ᵀ.
+
+bitsandbytes keeps an LLM.int8() layer as CB (int8 [N, K], row-major, the weight Parameter's data)
+and SCB (fp32 [N], each row's absmax). Its own matmul quantizes the activations to int8 as well and,
+with an outlier threshold, gathers the outlier columns on the host: two host syncs in every layer,
+so no CUDA graph can hold it. Here the activations stay 16-bit: LLM.int8() with every activation
+column treated as an outlier column. Same stored bytes, no host sync, and each step reads the int8
+weights once (half of bf16's bytes). The per-row scale is applied once per output, after the sum.
+
+Two kernels: a GEMV for one row of activations (batch-1 decode, the bandwidth-bound case; up to
+three layers sharing the input in one launch, see core.kernels.tiling) and a tiled `tl.dot` GEMM
+for more rows (batch > 1 decode, prefill). `reference` is the same math in
+PyTorch: the tests compare against it, and the quality check runs it on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from core.kernels import interpreted
+from core.kernels.tiling import (Blocks, gemm_blocks, gemv_blocks, gemv_grid, outputs, rows_of, segment, three,
+                                  three_rows)
+
+SCALE = 1.0 / 127.0  # CB holds round(127 · w / absmax(row))
+
+
+def reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None):
+    """x · dequantized(CB)ᵀ in fp32, rounded to x's dtype: what the kernels compute."""
+    weight = cb.float() * (scb.float() * SCALE)[:, None]
+    out = x.float() @ weight.T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@triton.jit
+def row_dots(x_ptr, cb_ptr, scb_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_N]: x · dequantized(CB[row]) for each of `rows`."""
+    base = cb_ptr + rows.to(tl.int64)[:, None] * K
+    # A 2D accumulator: one cross-thread reduction at the end instead of one per K step.
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        inside = cols < K
+        w = tl.load(base + cols[None, :], mask=live[:, None] & inside[None, :], other=0)
+        x = tl.load(x_ptr + cols, mask=inside, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    scale = tl.load(scb_ptr + rows, mask=live, other=0.0) * (1.0 / 127.0)  # CB = round(127 w / absmax)
+    return tl.sum(acc, axis=1) * scale
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w0, w1, w2, s0, s1, s2, o0, o1, o2, N0, N1, N2, K: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr):
+    """One activation row against up to three weights (core.kernels.segments). With SILU_PAIR,
+    weights 0 and 1 are an MLP's gate and up projections and o0 gets silu(gate) · up."""
+    pid = tl.program_id(0)
+    if SILU_PAIR:
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = rows < N0
+        gate = row_dots(x_ptr, w0, s0, rows, live, K, BLOCK_N, BLOCK_K)
+        up = row_dots(x_ptr, w1, s1, rows, live, K, BLOCK_N, BLOCK_K)
+        tl.store(o0 + rows, (gate * tl.sigmoid(gate) * up).to(o0.dtype.element_ty), mask=live)
+    else:
+        w, s, o, n, first = segment(pid, N0, N1, N2, w0, w1, w2, s0, s1, s2, o0, o1, o2, BLOCK_N)
+        rows = first + tl.arange(0, BLOCK_N)
+        live = rows < n
+        tl.store(o + rows, row_dots(x_ptr, w, s, rows, live, K, BLOCK_N, BLOCK_K).to(o.dtype.element_ty),
+                 mask=live)
+
+
+@triton.jit
+def gemm_kernel(x_ptr, cb_ptr, scb_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Several activation rows: int8 tiles converted to x's dtype (exact: |CB| <= 127) feed tl.dot."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        w = tl.load(cb_ptr + cols.to(tl.int64)[:, None] * K + ks[None, :],
+                    mask=(cols[:, None] < N) & (ks[None, :] < K), other=0)
+        if FP32_DOT:  # Triton 3.6's interpreter multiplies bf16 bit patterns as integers in tl.dot
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+    scale = tl.load(scb_ptr + cols, mask=cols < N, other=0.0) * (1.0 / 127.0)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
+             (acc * scale[None, :]).to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def launch_gemv(x: torch.Tensor, cbs: list[torch.Tensor], scbs: list[torch.Tensor], outs: list[torch.Tensor],
+                silu_pair: bool = False, blocks: Blocks | None = None) -> None:
+    """One activation row x ([1, K], unit stride) against up to three weights, into outs."""
+    rows = [cb.shape[0] for cb in cbs]
+    blocks = blocks or gemv_blocks(x.shape[-1], 8)
+    gemv_kernel[gemv_grid(rows, blocks.block_n, silu_pair)](
+        x, *three(cbs), *three(scbs), *three(outs), *three_rows(rows), K=x.shape[-1], BLOCK_N=blocks.block_n,
+        BLOCK_K=blocks.block_k, SILU_PAIR=silu_pair, num_warps=blocks.warps)
+
+
+def launch_gemm(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, out: torch.Tensor,
+                blocks: Blocks | None = None) -> None:
+    """x2 ([M, K], unit stride along K) · dequantized(CB)ᵀ into out ([M, N])."""
+    m, k = x2.shape
+    n = cb.shape[0]
+    blocks = blocks or gemm_blocks(m, k)
+    grid = (triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m))
+    gemm_kernel[grid](x2, cb, scb, out, m, n, k, x2.stride(0), out.stride(0),
+                      BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
+                      FP32_DOT=interpreted(gemm_kernel),
+                      PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", num_warps=blocks.warps)
+
+
+@torch.library.custom_op("llm_app::w8a16_linear", mutates_args=())
+def linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """An LLM.int8() layer's forward as W8A16. A torch op, so torch.compile and CUDA graphs hold it."""
+    x2 = rows_of(x)
+    out = torch.empty((x2.shape[0], cb.shape[0]), dtype=x.dtype, device=x.device)
+    if x2.shape[0] == 1:
+        launch_gemv(x2, [cb], [scb], [out])
+    else:
+        launch_gemm(x2, cb, scb, out)
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], cb.shape[0])
+
+
+@linear.register_fake
+def _(x, cb, scb, bias=None):
+    return x.new_empty((*x.shape[:-1], cb.shape[0]))
+
+
+@torch.library.custom_op("llm_app::w8a16_gemv", mutates_args=())
+def gemv(x: torch.Tensor, cbs: list[torch.Tensor], scbs: list[torch.Tensor], silu_pair: bool) -> list[torch.Tensor]:
+    """One token through up to three int8 layers that share it (q/k/v) in one launch; with
+    `silu_pair`, two (gate, up) and the result is silu(gate) · up."""
+    outs = outputs(x, [cb.shape[0] for cb in cbs], silu_pair)
+    launch_gemv(rows_of(x), cbs, scbs, outs, silu_pair)
+    return outs
+
+
+@gemv.register_fake
+def _(x, cbs, scbs, silu_pair):
+    return outputs(x, [cb.shape[0] for cb in cbs], silu_pair)

@@ -1,0 +1,318 @@
+"""An OpenAI-compatible endpoint on the same model and queue as the UI: /v1/models, /v1/chat/completions,
+/v1/completions.
+
+Requests and responses have the shapes the `openai` client, vLLM and TGI use, so a collaborator's tool
+moves between this app and those engines by changing the base URL. Each completion is a job on the
+one model worker (core.worker), in line with the browser's chats: the two never run on the model at
+the same time. A streamed answer is sent as server-sent events ending in `data: [DONE]`; a client
+that disconnects cancels its job. Every response carries `usage` (prompt and completion tokens) and
+the app's own `metrics` (time to first token, decode tokens/s), an extra field other clients ignore.
+
+Access: off unless the app is started with `--api`; a bearer key (APP_API_KEY, compared in constant
+time) is required whenever one is set, and the app refuses to start the API on a shared deployment
+(a share link, a Space, a login) without one, so the API never opens a way around the UI's login.
+Errors follow OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a fitting status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from core import generation
+from core.errors import (EngineError, InputTooLongError, ModelNotFoundError, NoModelLoadedError, QueueFullError,
+                         SpecError)
+from core.spec import GenerationSpec
+from core.worker import Chunk, Job
+from server.access import Action
+from server.context import AppContext
+from server.limits import LimitError
+
+_END = object()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def from_engine(error: EngineError) -> ApiError:
+    """The engine's user errors in OpenAI's shape, with the status that fits."""
+    if isinstance(error, NoModelLoadedError):
+        return ApiError(503, error.message, "server_error", code="model_not_loaded")
+    if isinstance(error, ModelNotFoundError):
+        return ApiError(404, error.message, param="model", code="model_not_found")
+    if isinstance(error, (QueueFullError, LimitError)) and ("queue" in error.message or "requests" in error.message):
+        return ApiError(429, error.message, "rate_limit_error", code="rate_limit_exceeded")
+    if isinstance(error, InputTooLongError):
+        return ApiError(400, error.message, param="messages", code="context_length_exceeded")
+    param = error.field if isinstance(error, SpecError) else None
+    return ApiError(400, error.message, param=param)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One parsed request: what to generate, for which model, and how to answer."""
+
+    model: str
+    prompt: str | list[dict]
+    spec: GenerationSpec
+    stream: bool
+    include_usage: bool
+
+
+def model_id(engine) -> str:
+    from ui.render import model_name  # the same name the page shows
+
+    return model_name(engine.current.report.model)
+
+
+def _number(body: dict, name: str, kind: type, low: float, high: float, default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ApiError(400, f"{name} must be a number", param=name)
+    if not low <= value <= high:
+        raise ApiError(400, f"{name}={value} is out of range: use a value from {low:g} to {high:g}", param=name)
+    return kind(value)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    raise ApiError(400, "only text content is supported (a string, or a list of {'type': 'text'} parts)",
+                   param="messages")
+
+
+def parse(ctx: AppContext, body: Any, chat: bool, defaults: GenerationSpec) -> Completion:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    limits = ctx.settings.limits
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required: see GET /v1/models for the loaded model's id", param="model")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list", param="messages")
+        prompt: str | list[dict] = []
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+                raise ApiError(400, "each message needs a role of system, user or assistant", param="messages")
+            prompt.append({"role": message["role"], "content": _text(message.get("content"))})
+        size = sum(len(m["content"]) for m in prompt)
+    else:
+        raw = body.get("prompt")
+        if isinstance(raw, list) and len(raw) == 1:
+            raw = raw[0]
+        if not isinstance(raw, str):
+            raise ApiError(400, "prompt must be a string (one prompt per request)", param="prompt")
+        prompt, size = raw, len(raw)
+    if limits.max_message_chars and size > limits.max_message_chars:
+        raise ApiError(400, f"The input is {size:,} characters; the limit is {limits.max_message_chars:,} "
+                            f"(APP_MAX_MESSAGE_CHARS={limits.max_message_chars}).", param="messages" if chat else "prompt")
+    if _number(body, "n", int, 1, 1, 1) != 1:
+        raise ApiError(400, "n must be 1", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, 1, 10**9, limits.max_new_tokens)
+    if max_tokens > limits.max_new_tokens:
+        raise ApiError(400, f"max_tokens={max_tokens} is over the limit of {limits.max_new_tokens} "
+                            f"(APP_MAX_NEW_TOKENS={limits.max_new_tokens}).", param="max_tokens")
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "stop must be a string or a list of strings", param="stop")
+    temperature = _number(body, "temperature", float, 0.0, 2.0)
+    top_p = _number(body, "top_p", float, 0.0, 1.0)
+    seed = _number(body, "seed", int, 0, generation.MAX_SEED)
+    sampling = {} if temperature is None else ({"greedy": True} if temperature == 0 else
+                                               {"greedy": False, "temperature": temperature})
+    if top_p is not None and top_p > 0:
+        sampling["top_p"] = top_p
+    spec = GenerationSpec(**{**defaults.__dict__, **sampling, "max_new_tokens": max_tokens, "seed": seed,
+                             "stop": tuple(stop), "use_chat_template": chat, "system_prompt": None})
+    options = body.get("stream_options") or {}
+    return Completion(model=model, prompt=prompt, spec=spec, stream=bool(body.get("stream")),
+                      include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
+
+
+def check_key(ctx: AppContext, request: Request) -> None:
+    expected = ctx.settings.api_key
+    if not expected:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:].strip() if given.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        raise ApiError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key")
+
+
+def _job(ctx: AppContext, completion: Completion) -> Job:
+    limit = ctx.settings.limits.max_input_tokens
+
+    def work(engine, job):
+        loaded = engine.current
+        served = model_id(engine)
+        if completion.model != served:  # checked here: a load queued before this job may have changed the model
+            raise ModelNotFoundError(f"The model {completion.model!r} is not loaded here; the loaded model is "
+                                     f"{served!r}.")
+        update = generation.stream_to(loaded, completion.prompt, completion.spec, job.emit, job.cancel, limit)
+        return update, served
+
+    return ctx.worker.submit(work, "api", session=f"api-{uuid.uuid4().hex}")
+
+
+async def _events(job: Job) -> AsyncIterator[object]:
+    """The job's events without blocking the event loop; closing this iterator (a disconnect) cancels the job."""
+    events = job.follow(poll=0.25)
+    try:
+        while (event := await anyio.to_thread.run_sync(next, events, _END)) is not _END:
+            yield event
+    finally:
+        job.cancel.set()
+        events.close()
+
+
+def _usage(update) -> dict:
+    metrics = update.metrics
+    return {"prompt_tokens": metrics.prompt_tokens, "completion_tokens": metrics.new_tokens,
+            "total_tokens": metrics.prompt_tokens + metrics.new_tokens}
+
+
+def _metrics(update) -> dict:
+    metrics = update.metrics
+    return {"ttft_s": round(metrics.ttft_s, 4), "decode_tokens_per_s": round(metrics.decode_tokens_per_s, 2),
+            "total_s": round(metrics.total_s, 4)}
+
+
+def _finish_reason(update, spec: GenerationSpec, hit_stop: bool) -> str:
+    return "length" if update.metrics.new_tokens >= spec.max_new_tokens and not hit_stop else "stop"
+
+
+def routes(ctx: AppContext) -> list:
+    router = APIRouter(prefix="/v1")
+
+    async def guarded(request: Request, handle) -> Any:
+        try:
+            check_key(ctx, request)
+            caller = ctx.caller(request)
+            ctx.admit(request, None, Action.CHAT)
+            return await handle(caller)
+        except ApiError as error:
+            return error.response()
+        except EngineError as error:
+            return from_engine(error).response()
+
+    @router.get("/models")
+    async def models(request: Request):
+        async def handle(_):
+            engine = ctx.worker.engine
+            if not engine.loaded:
+                return {"object": "list", "data": []}
+            loaded = engine.current
+            return {"object": "list", "data": [{
+                "id": model_id(engine), "object": "model", "created": int(time.time()), "owned_by": "quantized-llm-app",
+                "quantization": loaded.spec.quant.mode, "dtype": loaded.spec.dtype,
+                "max_model_len": generation.context_window(loaded)}]}
+        return await guarded(request, handle)
+
+    async def complete(request: Request, chat: bool):
+        async def handle(_):
+            try:
+                body = json.loads(await request.body() or b"null")
+            except ValueError:
+                raise ApiError(400, "The body is not valid JSON.") from None
+            engine = ctx.worker.engine
+            if not engine.loaded:
+                raise NoModelLoadedError("No model is loaded yet: the app's owner loads one in the Model tab.")
+            completion = parse(ctx, body, chat, generation.defaults_from(engine.current)[0])
+            job = _job(ctx, completion)
+            if completion.stream:
+                return StreamingResponse(_stream(job, completion, chat), media_type="text/event-stream")
+            return await _whole(job, completion, chat)
+        return await guarded(request, handle)
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    @router.post("/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    return router.routes
+
+
+def _ids(chat: bool) -> tuple[str, str, int]:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", ("chat.completion" if chat else "text_completion"), \
+        int(time.time())
+
+
+async def _whole(job: Job, completion: Completion, chat: bool) -> dict:
+    pieces = [event.value async for event in _events(job) if isinstance(event, Chunk)]
+    update, served = job.result
+    raw = "".join(pieces)
+    text = generation.cut_at_stop(raw, completion.spec.stop)  # as streamed: no trimming
+    ident, kind, created = _ids(chat)
+    reason = _finish_reason(update, completion.spec, len(text) < len(raw))
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat else
+              {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+    return {"id": ident, "object": kind, "created": created, "model": served, "choices": [choice],
+            "usage": _usage(update), "metrics": _metrics(update)}
+
+
+async def _stream(job: Job, completion: Completion, chat: bool) -> AsyncIterator[str]:
+    ident, kind, created = _ids(chat)
+    kind += ".chunk" if chat else ""
+    stop = generation.StopText(completion.spec.stop)
+    served = completion.model
+
+    def chunk(text: str | None, reason: str | None = None, **extra) -> str:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": served,
+                                      "choices": [choice], **extra}) + "\n\n"
+
+    try:
+        if chat:
+            yield "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": served, "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}) + "\n\n"
+        async for event in _events(job):
+            if isinstance(event, Chunk) and (text := stop.feed(event.value)):
+                yield chunk(text)
+        update, served = job.result
+        if rest := stop.finish():
+            yield chunk(rest)
+        yield chunk(None, _finish_reason(update, completion.spec, stop.stopped), usage=_usage(update),
+                    metrics=_metrics(update))
+        if completion.include_usage:
+            yield "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": served,
+                                         "choices": [], "usage": _usage(update)}) + "\n\n"
+    except ApiError as error:
+        yield "data: " + json.dumps(error.body()) + "\n\n"
+    except EngineError as error:
+        yield "data: " + json.dumps(from_engine(error).body()) + "\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,374 @@
+"""The fast path's own kernels on the CPU, through Triton's interpreter: correctness, choice, reverse, fallbacks.
+
+Triton decides when a kernel is defined whether it is compiled or interpreted, so TRITON_INTERPRET
+is set here only around the first import of core.kernels (and restored at once: nothing else in the
+suite sees it). If the kernels were already imported compiled, or triton is missing, the module is
+skipped with the reason. Shapes are small: the interpreter runs each program in numpy.
+
+Numerics follow METHOD.md: fresh random inputs per test, outputs poisoned with NaN before the
+launch, and ‖out − ref‖/‖ref‖ against the float64 product of the dequantized weights below 1e-5
+with fp32 activations, 2e-3 with fp16 and 1e-2 with bf16. The inline-PTX decode cannot run in the
+interpreter; its program is checked against a model of PTX's `prmt` instead (GPU tests run it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (requirements-dev.txt pins it for these tests)", allow_module_level=True)
+
+_previous = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton.experimental.gluon  # noqa: F401  the interpreter imports it at the first launch; it
+    # wraps triton's own jit helpers and checks then that the interpreter is on
+    from core import fastpath, generation, kernels, loading, quality
+    from core.kernels import gemv16, layers, modules, select, w4a16, w8a16
+finally:
+    os.environ.pop("TRITON_INTERPRET") if _previous is None else os.environ.update(TRITON_INTERPRET=_previous)
+
+if not kernels.interpreted(w8a16.gemv_kernel):
+    pytest.skip("core.kernels was imported compiled before this module; run it on its own", allow_module_level=True)
+
+from conftest import QUESTION, subprocess_env  # noqa: E402
+from core.spec import GenerationSpec, LoadSpec, QuantSpec  # noqa: E402
+
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _relative(out: torch.Tensor, expected: torch.Tensor) -> float:
+    assert not out.isnan().any(), "an output element was never written"
+    return ((out.double() - expected).norm() / expected.norm()).item()
+
+
+def _poisoned(rows: int, n: int, dtype) -> torch.Tensor:
+    return torch.full((rows, n), float("nan"), dtype=dtype)
+
+
+def _int8(n: int, k: int):
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) + 0.1
+
+
+def _int8_dense(cb, scb) -> torch.Tensor:
+    return cb.double() * scb.double()[:, None] / 127
+
+
+def _packed(n: int, k: int, quant_type: str = "nf4", nested: bool = False) -> w4a16.Packed:
+    return _quantized(n, k, quant_type, nested)[0]
+
+
+def _quantized(n: int, k: int, quant_type: str, nested: bool) -> tuple[w4a16.Packed, torch.Tensor]:
+    """A random weight quantized by bitsandbytes: as the kernels read it, and as bitsandbytes dequantizes it."""
+    import bitsandbytes.functional as bnb
+
+    data, state = bnb.quantize_4bit(torch.randn(n, k), blocksize=64, quant_type=quant_type,
+                                    compress_statistics=nested)
+    weight = type("Weight", (), {"data": data, "quant_state": state})()
+    return w4a16.Packed.from_param(weight), bnb.dequantize_4bit(data, state).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_w8a16_matches_dequantized_reference(dtype, rows):
+    cb, scb = _int8(48, 320)  # 320: K is no multiple of the K step, so the masks are exercised
+    x = torch.randn(rows, 320, dtype=dtype)
+    out = _poisoned(rows, 48, dtype)
+    if rows == 1:
+        w8a16.launch_gemv(x, [cb], [scb], [out])
+    else:
+        w8a16.launch_gemm(x, cb, scb, out)
+    assert _relative(out, x.double() @ _int8_dense(cb, scb).T) < BOUND[dtype]
+    assert _relative(w8a16.reference(x, cb, scb), x.double() @ _int8_dense(cb, scb).T) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("silu_pair", [False, True])
+def test_grouped_gemvs_match_reference(silu_pair):
+    """q/k/v (or gate/up with SiLU) in one launch, for int8, 4-bit and 16-bit weights."""
+    k, rows = 256, ([64, 64] if silu_pair else [64, 32, 32])
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+
+    def expected(dense):
+        outs = [x.double() @ d.T for d in dense]
+        return [torch.nn.functional.silu(outs[0]) * outs[1]] if silu_pair else outs
+
+    int8 = [_int8(n, k) for n in rows]
+    packed = [_packed(n, k) for n in rows]
+    sixteen = [torch.randn(n, k, dtype=torch.bfloat16) for n in rows]
+    cases = [
+        (lambda outs: w8a16.launch_gemv(x, [c for c, _ in int8], [s for _, s in int8], outs, silu_pair),
+         [_int8_dense(c, s) for c, s in int8]),
+        (lambda outs: w4a16.launch_gemv(x, packed, outs, silu_pair), [w4a16.dequantize(p).double() for p in packed]),
+        (lambda outs: gemv16.launch_gemv(x, sixteen, outs, silu_pair), [w.double() for w in sixteen]),
+    ]
+    for launch, dense in cases:
+        outs = [_poisoned(1, n, torch.bfloat16) for n in (rows[:1] if silu_pair else rows)]
+        launch(outs)
+        for out, want in zip(outs, expected(dense)):
+            assert _relative(out, want) < 1e-2
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_w4a16_matches_bitsandbytes_dequantization(quant_type, nested, rows):
+    packed, theirs = _quantized(40, 384, quant_type, nested)
+    weight = w4a16.dequantize(packed)
+    assert torch.allclose(weight, theirs, atol=1e-6)  # the reference reads bitsandbytes' layout right
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(rows, 384, dtype=dtype)
+        out = _poisoned(rows, 40, dtype)
+        if rows == 1:
+            w4a16.launch_gemv(x, [packed], [out])
+        else:
+            w4a16.launch_gemm(x, packed, out)
+        assert _relative(out, x.double() @ weight.double().T) < BOUND[dtype]
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX `prmt.b32` (default mode): byte i of the result is byte c[i] & 7 of {b, a}, or its sign
+    replicated when c[i] & 8."""
+    source, out = (b << 32) | a, 0
+    for i in range(4):
+        select_ = (c >> (4 * i)) & 0xF
+        byte = (source >> (8 * (select_ & 7))) & 0xFF
+        out |= ((0xFF if byte & 0x80 else 0) if select_ & 8 else byte) << (8 * i)
+    return out
+
+
+def _run_ptx(program: str, inputs: list[int]) -> list[int]:
+    """Runs the straight-line integer PTX of the decode program on Python ints."""
+    registers = {f"${8 + i}": v for i, v in enumerate(inputs)}
+    operations = {"and": lambda a, b: a & b, "or": lambda a, b: a | b, "shr": lambda a, b: a >> b,
+                  "shl": lambda a, b: (a << b) & 0xFFFFFFFF, "prmt": _prmt}
+    for line in program.splitlines():
+        match = re.match(r"\s*(\w+)\.\w+\s+([^;]+);", line)
+        if match and match.group(1) in operations:
+            target, *sources = [a.strip() for a in match.group(2).split(",")]
+            values = [registers[s] if s in registers else int(s, 0) for s in sources]
+            registers[target] = operations[match.group(1)](*values)
+    return [registers[f"${i}"] for i in range(8)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_prmt_decode_program_gives_each_nibbles_code(quant_type):
+    from bitsandbytes.functional import get_4bit_type
+
+    code = get_4bit_type(quant_type, device="cpu")
+    tables = [int(word, 16) for word in w4a16.prmt_tables(code).split(",")]
+    want = code.to(torch.bfloat16).float()
+    for word in torch.randint(0, 2**32, (64,), dtype=torch.int64).tolist():
+        decoded = torch.tensor(_run_ptx(w4a16._PRMT_DECODE.value, [word] + tables)).to(torch.int32).view(torch.float32)
+        nibbles = [(word >> (8 * (e // 2) + 4 * (1 - e % 2))) & 15 for e in range(8)]
+        assert torch.equal(decoded, want[nibbles])
+
+
+_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from core.kernels import gemv16, w4a16, w8a16
+from core.kernels.tiling import gemm_blocks, gemv_blocks
+
+def compile(fn, pointers, constants, warps):
+    names = list(fn.arg_names)
+    signature = {**pointers, **{name: "constexpr" for name in constants}}
+    signature.update({n: "i32" for n in names if n not in signature})
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in pointers.items() if t.startswith("*")}
+    triton.compile(ASTSource(fn, signature, constants, aligned), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps})
+
+x = {"x_ptr": "*bf16"}
+outs = {o: "*bf16" for o in ("o0", "o1", "o2")}
+for silu in (False, True):
+    b = gemv_blocks(4096, 8)
+    compile(w8a16.gemv_kernel, {**x, **outs, **{w: "*i8" for w in ("w0", "w1", "w2")},
+            **{s: "*fp32" for s in ("s0", "s1", "s2")}},
+            dict(K=4096, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
+    b = gemv_blocks(4096, 16)
+    compile(gemv16.gemv_kernel, {**x, **outs, **{w: "*bf16" for w in ("w0", "w1", "w2")}},
+            dict(K=4096, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
+    for prmt, nested in ((True, False), (False, True)):
+        b = gemv_blocks(4096, 4, silu, 64)
+        compile(w4a16.gemv_kernel, {**x, **outs, **{p: "*i32" for p in ("p0", "p1", "p2")},
+                **{a: "*u8" if nested else "*fp32" for a in ("a0", "a1", "a2")},
+                **{p: "*fp32" for p in ("absmax2_ptr", "code2_ptr", "offset_ptr", "code_ptr")}},
+                dict(K=4096, BLOCKSIZE=64, NESTED=nested, BLOCK2=256, PRMT=prmt,
+                     TABLE=(1, 2, 3, 4, 5, 6, 7, 8) if prmt else w4a16.NO_TABLE, BLOCK_N=b.block_n,
+                     BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
+g = gemm_blocks(8, 4096, 64)
+compile(w8a16.gemm_kernel, {**x, "cb_ptr": "*i8", "scb_ptr": "*fp32", "out_ptr": "*bf16"},
+        dict(K=4096, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k, FP32_DOT=False, PRECISION="tf32"), 4)
+compile(w4a16.gemm_kernel, {**x, "words_ptr": "*i32", "out_ptr": "*bf16", **{p: "*fp32" for p in (
+        "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "code_ptr")}},
+        dict(K=4096, BLOCKSIZE=64, NESTED=False, BLOCK2=256, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
+             FP32_DOT=False, PRECISION="tf32"), 4)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs Python that Triton's compiler rejects (list comprehensions over ranges,
+    non-constexpr globals): compile each kernel for sm_90, with the ptxas of Triton's wheel, in a
+    process without the interpreter."""
+    env = subprocess_env()
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _HOPPER], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- choices and models
+
+
+def test_selection_keeps_the_faster_and_remembers_it():
+    select.forget()
+    timings = iter([3.0, 2.0])
+    decision = select.decide(("shape",), "nf4 8x8", [], [], lambda calls: next(timings), "bitsandbytes'")
+    assert not decision.ours and "bitsandbytes' (2.0 µs against ours 3.0)" in decision.describe()
+    assert select.decide(("shape",), "nf4 8x8", [], [], lambda calls: 0.0) is decision  # measured once
+    assert select.decide(("other",), "nf4 8x8", [], [], _alternating(ours_first_faster=True)).ours
+    select.forget()
+
+
+def _alternating(ours_first_faster: bool):
+    """A timer for decide(): it times ours, then theirs."""
+    values = itertools.cycle([1.0, 2.0] if ours_first_faster else [2.0, 1.0])
+    return lambda calls: next(values)
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint, tmp_path_factory):
+    """A 2-layer Llama with random weights and the embedded model's tokenizer (fast under the interpreter)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny")
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    for param in model.parameters():
+        param.data.normal_(0.0, 0.05)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(checkpoint / name, folder / name)
+    return str(folder)
+
+
+def _load(tiny: str, mode: str):
+    logging.getLogger(fastpath.INT8_LOGGER).setLevel(logging.ERROR)
+    return loading.load(LoadSpec(model=tiny, dtype="float32", device_map="cpu",
+                                 quant=QuantSpec(mode=mode, compute_dtype="float32")))
+
+
+GREEDY = GenerationSpec(greedy=True, max_new_tokens=6, use_chat_template=False)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_kernel_forwards_give_the_reference_tokens_and_reverse_exactly(tiny, mode, monkeypatch):
+    select.forget()
+    monkeypatch.setattr(select, "graph_time_us", _alternating(ours_first_faster=True))  # no CUDA graphs here
+    loaded = _load(tiny, mode)  # no forward yet: bitsandbytes' CPU path repacks 4-bit weights on its first one
+    tree, state = str(loaded.model), {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    choice = fastpath.FastPathChoice("sdpa", None, "test", kernels=True)
+    on = fastpath.enable(loaded, choice)
+    assert on.enabled and "in one launch: ours" in on.kernels
+    fast = generation.generate(loaded, [QUESTION], GREEDY, min_new_tokens=6).token_ids
+    off = fastpath.reverse(loaded)
+    assert not off.kernels and not [m for m in loaded.model.modules() if "forward" in m.__dict__]
+    assert str(loaded.model) == tree
+    after = loaded.model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    reference = modules.install(loaded.model, reference=True)
+    expected = generation.generate(loaded, [QUESTION], GREEDY, min_new_tokens=6).token_ids
+    reference.remove()
+    assert fast == expected
+    select.forget()
+
+
+def test_fast_path_measures_and_enables_through_choose(tiny, monkeypatch):
+    """On a 'GPU' (the interpreter stands in) int8 becomes W8A16 + graph whatever the threshold."""
+    loaded = _load(tiny, "int8")
+    monkeypatch.setattr(fastpath, "_on_gpu", lambda _: True)
+    choice = fastpath.choose(loaded)
+    assert choice.kernels and choice.cuda_graph and "W8A16" in choice.reason and "perplexity" in choice.reason
+    off = fastpath.choose(loaded, own_kernels=False)
+    assert not off.kernels and not off.cuda_graph and "turned off" in off.reason
+
+
+def test_losing_kernels_leave_the_library_forward(tiny):
+    select.forget()
+    loaded = _load(tiny, "nf4")
+    installed = modules.install(loaded.model, timer=_alternating(ours_first_faster=False))
+    try:
+        assert "bitsandbytes'" in installed.summary() and ": ours" not in installed.summary()
+        assert not [m for m in loaded.model.modules() if "forward" in m.__dict__]
+    finally:
+        installed.remove()
+        select.forget()
+
+
+def test_compiled_forwards_trace_as_one_graph(tiny):
+    select.forget()
+    loaded = _load(tiny, "int8")
+    installed = modules.install(loaded.model, timer=_alternating(ours_first_faster=True))
+    ids = loaded.tokenizer(QUESTION, return_tensors="pt").input_ids[:, :1]
+    try:
+        with torch.inference_mode():
+            eager = loaded.model(ids, use_cache=False).logits
+            compiled = torch.compile(loaded.model, backend="eager", fullgraph=True)(ids, use_cache=False).logits
+        assert torch.equal(eager, compiled)
+    finally:
+        installed.remove()
+        torch._dynamo.reset()
+        select.forget()
+
+
+def test_without_triton_or_gpu_the_fast_path_keeps_the_libraries(tiny, monkeypatch):
+    loaded = _load(tiny, "int8")
+    assert kernels.unavailable("cuda") is None
+    monkeypatch.setattr(kernels, "interpreted", lambda kernel: False)
+    assert "CUDA GPU" in kernels.unavailable("cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert "Triton is not installed" in kernels.unavailable("cuda")
+    monkeypatch.setattr(fastpath, "_on_gpu", lambda _: True)
+    choice = fastpath.choose(loaded)
+    assert not choice.kernels and not choice.cuda_graph and "Triton is not installed" in choice.reason
+    monkeypatch.undo()
+    cpu = fastpath.choose(loaded)
+    assert not cpu.kernels and "On the CPU" in cpu.reason
+
+
+def test_layers_found_are_the_ones_read_in_place(tiny):
+    found = layers.find_layers(_load(tiny, "int8").model)
+    assert len(found) == 14 and {layer.kind for layer in found.values()} == {"int8"}
+    assert not layers.find_layers(_load(tiny, "none").model)  # fp32 weights: cuBLAS keeps them
+
+
+def test_w8a16_quality_is_at_least_llm_int8s(loaded_models):
+    """The quality check (core.quality) of the W8A16 math on the embedded model, on the CPU with the
+    kernel's PyTorch reference: perplexity and next-token agreement at least as good as LLM.int8()'s."""
+    full = quality.score(loaded_models("none"))
+    int8 = loaded_models("int8")
+    llm_int8 = quality.score(int8)
+    installed = modules.install(int8.model, reference=True)
+    try:
+        w8a16_scores = quality.score(int8)
+    finally:
+        installed.remove()
+
+    def agreement(scores):
+        return sum(a == b for a, b in zip(full.predictions, scores.predictions)) / len(full.predictions)
+
+    assert w8a16_scores.perplexity <= llm_int8.perplexity
+    assert agreement(w8a16_scores) >= agreement(llm_int8)
+    assert abs(w8a16_scores.perplexity - 9.01) < 0.05  # the figure in fastpath.W8A16_REASON
