@@ -19,6 +19,9 @@ footprint and memory allocated after it, then one greedy generation (prompt 128 
 - plain: transformers as loaded (fast path off);
 - static cache: transformers' static cache for encoder-decoders (an EncoderDecoderCache of two
   StaticCaches), forced, without a CUDA graph;
+- own kernels: the fast path's own Triton kernels (core.kernels: W8A16 for int8, the 4-bit GEMV,
+  16-bit GEMVs) on the layers, forced, without a CUDA graph (int8 then computes as W8A16, not as
+  LLM.int8(), so its tokens may differ); skipped where the kernels cannot run;
 - fast path: core's automatic choice (`fastpath.choose`), skipped with the reason when it would put
   an encoder-decoder into the decoder-only CUDA graph (a tree without the change to choose() that
   the seq2seq branch asks for).
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from core import families, fastpath, fit, generation, loading  # noqa: E402
+from core import families, fastpath, fit, generation, kernels, loading  # noqa: E402
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
 
 SHAPES = {
@@ -107,7 +110,8 @@ def build_checkpoint(name: str, root: Path, tokenizer_dir: Path) -> Path:
     with torch.device(device):  # parameters are created on the GPU in bf16: no fp32 copy, nothing on the CPU
         model = T5ForConditionalGeneration._from_config(T5Config(**SHAPES[name]), dtype=dtype)
     params = sum(p.numel() for p in model.parameters())
-    say(f"built {name} on {device} in {dtype}: {params / 1e9:.2f} B parameters in {time.perf_counter() - started:.0f} s")
+    seconds = time.perf_counter() - started
+    say(f"built {name} on {device} in {dtype}: {params / 1e9:.2f} B parameters in {seconds:.0f} s")
     started = time.perf_counter()
     model.save_pretrained(staging, max_shard_size="5GB")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -143,13 +147,18 @@ def prompt_text(tokenizer, vocab_size: int, length: int) -> str:
 def decode_paths(loaded) -> list[tuple[str, fastpath.FastPathChoice | None, str]]:
     """(path, choice to enable or None for plain, why skipped or "")."""
     attn = loaded.model.config._attn_implementation
+    int8 = loaded.spec.quant.mode == "int8"
     static = fastpath.FastPathChoice(attn, "static", "benchmark: transformers' static EncoderDecoderCache, no graph")
+    own = fastpath.FastPathChoice(attn, None, "benchmark: the fast path's own kernels, no graph", kernels=True,
+                                  quiet_int8_log=int8)
+    missing = kernels.unavailable(loaded.input_device.type)
     auto = fastpath.choose(loaded)
     skip = ""
     if auto.cuda_graph and not families.fast_path_support(loaded.model).cuda_graph:
         skip = ("skipped: this tree's fastpath.choose() would graph an encoder-decoder's decode step with the "
                 "decoder-only CUDA graph; apply the change to choose() from the seq2seq branch")
-    return [("plain", None, ""), ("static cache", static, ""), ("fast path", auto, skip)]
+    return [("plain", None, ""), ("static cache", static, ""),
+            ("own kernels", own, f"skipped: {missing}" if missing else ""), ("fast path", auto, skip)]
 
 
 def measure(loaded, prompt: str, new: int) -> generation.GenerationResult:
@@ -181,11 +190,12 @@ def run_mode(path: Path, quant: str, args, device: str) -> tuple[MemoryRow, list
             rows.append(DecodeRow(mode, name, 0, 0, 0, "-", skipped))
             say(f"{mode} / {name}: {skipped}")
             continue
-        if choice is not None:
-            fastpath.enable(loaded, choice)
-        state = fastpath.state(loaded)
-        detail = f"{state.attn_implementation}+{state.cache_implementation}" + ("+graph" if state.cuda_graph else "")
         try:
+            if choice is not None:
+                fastpath.enable(loaded, choice)
+            state = fastpath.state(loaded)
+            detail = (f"{state.attn_implementation}+{state.cache_implementation}"
+                      + ("+graph" if state.cuda_graph else "") + ("+kernels" if state.kernels else ""))
             result = measure(loaded, prompt, args.new)
         except Exception as error:  # a failing path is a row, not the end of the run
             rows.append(DecodeRow(mode, name, 0, 0, 0, "-", f"{type(error).__name__}: {str(error)[:120]}"))
