@@ -251,6 +251,7 @@ def tables(memory: list[MemoryRow], decode: list[DecodeRow], device: str) -> lis
 
 
 def conditions(device: str, args) -> str:
+    """One line: the machine, the library versions and the run's settings."""
     import bitsandbytes
     import transformers
 
@@ -263,7 +264,8 @@ def conditions(device: str, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="t5-11b", choices=list(SHAPES))
-    parser.add_argument("--modes", default="none,int8,nf4", help="none (bf16 on a GPU, fp32 on the CPU), int8, nf4")
+    parser.add_argument("--modes", default="none,nf4,int8",
+                        help="none (bf16 on a GPU, fp32 on the CPU), nf4, int8 (the slowest, last)")
     parser.add_argument("--tokenizer", required=True, help="a folder with tokenizer files (the embedded model's)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
@@ -281,6 +283,7 @@ def main() -> None:
         row, rows = run_mode(path, mode, args, device)
         memory.append(row)
         decode += rows
+        write_json(args, device, memory, decode, partial=True)  # what a run cut short by a time limit still keeps
     claim = seed_claim(path, memory) if args.shapes == "t5-11b" else []
     text = "\n".join([f"\n### {time.strftime('%Y-%m-%d')}: T5 ({args.shapes}), encoder-decoder\n",
                       f"Conditions: {conditions(device, args)}\n", *tables(memory, decode, device), "", *claim, ""])
@@ -288,8 +291,12 @@ def main() -> None:
     if args.results:
         with open(args.results, "a") as handle:
             handle.write(text)
+    write_json(args, device, memory, decode, partial=False)
+
+
+def write_json(args, device: str, memory: list[MemoryRow], decode: list[DecodeRow], partial: bool) -> None:
     if args.json:
-        Path(args.json).write_text(json.dumps({"conditions": conditions(device, args),
+        Path(args.json).write_text(json.dumps({"conditions": conditions(device, args), "partial": partial,
                                                "memory": [asdict(r) for r in memory],
                                                "decode": [asdict(r) for r in decode]}, indent=1))
 
