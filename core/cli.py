@@ -16,7 +16,8 @@ from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map, par
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="", help="Hub id or local folder; empty: the embedded SmolLM2-135M")
+    parser.add_argument("--model", default="", help="Hub id or local folder of a causal LM or an encoder-decoder "
+                                                    "(T5, BART); empty: the embedded SmolLM2-135M")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quant", default="none", choices=["none", "int8", "fp4", "nf4"])
@@ -48,6 +49,7 @@ def _plan(args: argparse.Namespace) -> int:
     from core.placement import plan
 
     result = plan(load_spec_from(args))
+    print(f"kind     {result.kind}")
     for device, modules, size in result.table():
         print(f"{device:8} {size / 2**20:10.1f} MiB  {modules}")
     print(f"total    {result.total_bytes / 2**20:10.1f} MiB")

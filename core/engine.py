@@ -1,8 +1,8 @@
 """The one model in memory, and the rules for replacing it.
 
 A load is checked as far as it can be before the current model is touched (spec validation, the
-model's config and the placement plan, which must put every module on a GPU or the CPU), so that
-most bad requests change nothing. Then the old model is freed, since two models rarely fit on one
+model's config and its kind, and the placement plan, which must put every module on a GPU or the
+CPU), so that most bad requests change nothing. Then the old model is freed, since two models rarely fit on one
 GPU, and the new one loads; if that fails for any reason, the previous spec is loaded again and the
 error says so. The engine is not thread-safe by itself: in the app, only the worker thread
 (core.worker) calls it.
@@ -14,7 +14,7 @@ import gc
 import logging
 from collections.abc import Callable
 
-from core import fastpath, loading, placement, source
+from core import families, fastpath, loading, placement, source
 from core.errors import BudgetTooSmallError, EngineError, LoadFailedError, NoModelLoadedError
 from core.loading import LoadedModel
 from core.spec import LoadSpec, validate
@@ -38,9 +38,10 @@ class Engine:
         return self._current is not None
 
     def preflight(self, spec: LoadSpec, progress: Progress | None = None) -> LoadSpec:
-        """Every check that needs no weights: spec, model config, placement. Raises EngineError."""
+        """Every check that needs no weights: spec, model config and kind, placement. Raises EngineError."""
         checked = validate(spec, loading.cuda_device_count())
         config = source.load_config(checked, progress)
+        families.of(config)  # a model of a kind this app cannot run is refused here
         if checked.device_map == "auto" and not checked.max_memory and loading.cuda_device_count() == 0:
             return checked  # everything goes to the CPU; nothing to plan
         refuse_unrunnable(placement.plan(checked, config=config))

@@ -1,24 +1,26 @@
 """Will it fit, before loading: weights, KV cache and activation headroom per device, and the smallest fix.
 
 Weights come from the placement plan (quantized layers at their packed size, embeddings, lm_head
-and norms at their real 16/32-bit size), plus what bitsandbytes stores beside the packed weights:
-4-bit keeps one fp32 absmax per block of 64 weights (or a uint8 one plus a small fp32 table with
-double quantization), int8 one fp32 scale per output row. The KV cache is
-2 × layers × kv_heads × head_dim × context × batch × bytes, on the devices that hold the layers.
-Activation headroom is the largest transient of one forward pass over the context (the MLP's
-intermediate tensors and the last-position logits), on the first device.
+and norms at their real 16/32-bit size), plus what transformers' placement sizes leave out, counted
+per device on the same meta model (core.placement): bitsandbytes' scales beside the packed weights
+(4-bit: one fp32 absmax per block of 64 weights, or a uint8 one plus a small fp32 table with double
+quantization; int8: one fp32 scale per output row), and the keep-in-fp32 modules transformers
+upcasts after placing. The KV cache is 2 × decoder layers × kv_heads × head_dim × context × batch ×
+bytes, on the devices that hold the decoder layers; for an encoder-decoder the context is the input
+(cross-attention) plus the answer (self-attention), for a causal model the prompt plus the answer
+(core.families). Activation headroom is the largest transient of one forward pass over the context
+(the MLP's intermediate tensors and the last-position logits; for an encoder-decoder also the
+encoder's output and T5's position bias), on the first device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from core import source
+from core import families, source
 from core.errors import BudgetTooSmallError, SpecError
 from core.placement import PlacementPlan, device_label, plan
-from core.spec import Device, LoadSpec, QuantSpec
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+from core.spec import Device, LoadSpec
 
 
 @dataclass(frozen=True)
@@ -76,43 +78,6 @@ class FitReport:
         return f"does not fit: needs {worst.shortfall / 2**20:,.0f} MiB more on {device_label(worst.device)}"
 
 
-def quant_overhead(numel_quantized: int, quant: QuantSpec, out_features: int) -> int:
-    """Bytes bitsandbytes stores beside the packed weights of quantized layers."""
-    if quant.bits == 4:
-        blocks = numel_quantized // 64
-        return blocks + (blocks // 256) * 4 if quant.double_quant else blocks * 4
-    if quant.bits == 8:
-        return out_features * 4
-    return 0
-
-
-def _quantized_linears(config) -> tuple[int, int]:
-    """(weights in the decoder's linear layers, their total output features), from the config alone."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    inter = config.intermediate_size
-    per_layer = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter
-    outs = heads * head_dim + 2 * kv * head_dim + hidden + 2 * inter + hidden
-    return per_layer * config.num_hidden_layers, outs * config.num_hidden_layers
-
-
-def kv_cache_bytes(config, context: int, batch: int, dtype: str) -> int:
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    return 2 * config.num_hidden_layers * kv * head_dim * context * batch * DTYPE_BYTES[dtype]
-
-
-def activation_bytes(config, context: int, batch: int, dtype: str) -> int:
-    width = DTYPE_BYTES[dtype]
-    mlp = 3 * context * batch * config.intermediate_size * width  # gate, up, and their product
-    residual = 4 * context * batch * config.hidden_size * width
-    logits = batch * config.vocab_size * 4 * 2  # fp32 last-position logits and their softmax
-    return mlp + residual + logits
-
-
 MAX_CONTEXT = 2**20  # a million tokens: beyond any model's window, and the estimate's arithmetic stays sane
 MAX_BATCH = 1024
 
@@ -134,33 +99,23 @@ def estimate(spec: LoadSpec, context_length: int = 2048, batch_size: int = 1, co
         fixes = suggest_fixes(spec, context_length, batch_size, config) if with_fixes else []
         return FitReport(model=spec.model, quantization=spec.quant.mode, context_length=context_length,
                          batch_size=batch_size, devices=(), offloaded=(), fixes=tuple(fixes), problem=str(error))
-    layers_on: dict[Device, int] = {}
-    for module, device in placed.device_map.items():
-        if ".layers." in f".{module}." or module.endswith("layers"):
-            layers_on[device] = layers_on.get(device, 0) + _layer_count(module, config)
-    if not layers_on:  # the whole model on one device
-        layers_on = {next(iter(placed.bytes_per_device)): config.num_hidden_layers}
-    linear_numel, outs = _quantized_linears(config)
-    overhead = quant_overhead(linear_numel, spec.quant, outs) if spec.quant.enabled else 0
-    kv_total = kv_cache_bytes(config, context_length, batch_size, placed.dtype)
+    layers_on = placed.kv_layers or {next(iter(placed.bytes_per_device)): 1}
+    layers = sum(layers_on.values())
+    kv_total = families.kv_cache_bytes(config, context_length, batch_size, placed.dtype)
+    activations = families.activation_bytes(config, context_length, batch_size, placed.dtype)
     first = min(placed.bytes_per_device, key=_order)
     budget = dict(placed.budget)
     devices = []
     for device, weights in sorted(placed.bytes_per_device.items(), key=lambda kv: _order(kv[0])):
-        share = layers_on.get(device, 0) / config.num_hidden_layers
+        extra = placed.quant_state_bytes.get(device, 0) + placed.upcast_bytes.get(device, 0)
         devices.append(DeviceFit(
-            device=device, weights=weights + int(overhead * share), kv_cache=int(kv_total * share),
-            activations=activation_bytes(config, context_length, batch_size, placed.dtype) if device == first else 0,
-            budget=budget.get(device)))
+            device=device, weights=weights + extra, kv_cache=kv_total * layers_on.get(device, 0) // layers,
+            activations=activations if device == first else 0, budget=budget.get(device)))
     report = FitReport(model=placed.model, quantization=spec.quant.mode, context_length=context_length,
                        batch_size=batch_size, devices=tuple(devices), offloaded=tuple(placed.offloaded), fixes=())
     if with_fixes and (not report.fits or report.offloaded):
         report = replace(report, fixes=tuple(suggest_fixes(spec, context_length, batch_size, config)))
     return report
-
-
-def _layer_count(module: str, config) -> int:
-    return 1 if module.rsplit(".", 1)[-1].isdigit() else config.num_hidden_layers
 
 
 def _order(device: Device) -> tuple[int, int]:

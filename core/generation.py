@@ -5,6 +5,11 @@ device), `check_length` (the input cap), `generation_kwargs` (sampling controls)
 batch, blocking), `stream_to` (one prompt, new text handed to a callback as it comes, on the calling
 thread: the model worker's) and `stream` (the same as an iterator, for scripts). Metrics come from a
 streamer that timestamps the first new token: time to first token is prefill, the rest is decode.
+
+Encoder-decoder models (core.families) go through the same steps: the message is the encoder's
+input, and generate() returns the decoder's sequence, which starts with one start token instead of
+the prompt. Time to first token is then the encoder's pass plus the first decoder step; tokens/s
+counts the decoder's steps after it, as for a causal model.
 """
 
 from __future__ import annotations
@@ -109,20 +114,20 @@ MAX_SEED = 2**32 - 1  # what numpy's generator, seeded by transformers' set_seed
 
 
 def context_window(loaded: LoadedModel) -> int | None:
-    """The longest sequence the model was trained for, when its config says."""
+    """The longest sequence the model was trained for, when its config says (T5's relative positions set none)."""
     return getattr(loaded.model.config, "max_position_embeddings", None)
 
 
 def check_length(loaded: LoadedModel, input_ids, spec: GenerationSpec, max_input_tokens: int | None) -> None:
-    """Refuses a prompt longer than the cap: `max_input_tokens`, and the context window minus max_new_tokens."""
+    """Refuses a prompt longer than the cap: `max_input_tokens`, and what the context window leaves for the input
+    (a causal model's window minus max_new_tokens; an encoder-decoder's whole input window)."""
     length = int(input_ids.shape[1])
     limits = []
     if max_input_tokens:
         limits.append((max_input_tokens, f"the app's limit (APP_MAX_INPUT_TOKENS={max_input_tokens})"))
     window = context_window(loaded)
     if window:
-        room = window - spec.max_new_tokens
-        limits.append((room, f"the model's context of {window} tokens minus {spec.max_new_tokens} new tokens"))
+        limits.append(loaded.family.input_room(window, spec.max_new_tokens))
     for limit, why in sorted(limits):
         if length > limit:
             raise InputTooLongError(f"The input is {length:,} tokens; at most {max(limit, 0):,} fit: {why}. Shorten "
@@ -156,11 +161,17 @@ def has_chat_template(loaded: LoadedModel) -> bool:
 
 
 def _as_text(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec) -> str:
+    """The text the model reads. With a chat template (and `use_chat_template`): the conversation through it, for
+    either kind of model. Without one, a causal model continues the conversation as plain text, the last message
+    last; an encoder-decoder is text-to-text: its input is the last user message alone (earlier turns and the system
+    prompt are left out, since such a model answers one input and was never trained on a transcript)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if spec.system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": spec.system_prompt})
     if spec.use_chat_template and has_chat_template(loaded):
         return loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if loaded.family.is_encoder_decoder:
+        return next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
     # Raw completion: the conversation as plain text, the last message as the text to continue.
     return "\n".join(m["content"] for m in messages)
 
@@ -283,7 +294,7 @@ def generate(loaded: LoadedModel, prompts: Sequence[Prompt], spec: GenerationSpe
         raise _oom(error) from error
     ended = time.perf_counter()
     prompt_len = inputs["input_ids"].shape[1]
-    new = output[:, prompt_len:]
+    new = output[:, loaded.family.prompt_positions(prompt_len):]
     ids = tuple(tuple(_strip_padding(row.tolist(), loaded.tokenizer.pad_token_id)) for row in new)
     texts = tuple(loaded.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids)
     metrics = _metrics(loaded, clock, ended, prompt_len, new.shape[1], new.shape[0])
@@ -325,7 +336,8 @@ def stream_to(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec, on_text
         raise _oom(error) from error
     ended = time.perf_counter()
     prompt_len = inputs["input_ids"].shape[1]
-    metrics = _metrics(loaded, clock, ended, prompt_len, output.shape[1] - prompt_len, 1)
+    new_tokens = output.shape[1] - loaded.family.prompt_positions(prompt_len)
+    metrics = _metrics(loaded, clock, ended, prompt_len, new_tokens, 1)
     loaded.facts["last_metrics"] = metrics
     return StreamUpdate(text="".join(pieces).strip(), done=True, metrics=metrics, cancelled=cancel.is_set())
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from core import bnb_repack, fastpath, saves
+from core import bnb_repack, families, fastpath, saves
 from core.errors import PushError, SaveError
 from core.hub_errors import explain_hub_error
 from core.loading import LoadedModel
@@ -117,10 +117,11 @@ def build_card(loaded: LoadedModel, facts: CardFacts = CardFacts()):
     from huggingface_hub import ModelCard, ModelCardData
 
     spec = loaded.spec
+    family = loaded.family
     base = base_model_id(loaded)
     quant = spec.quant
     tags = ["quantized-llm-app"] + (["bitsandbytes", f"{quant.bits}-bit", quant.mode] if quant.enabled else [])
-    data = ModelCardData(base_model=base, library_name="transformers", pipeline_tag="text-generation", tags=tags,
+    data = ModelCardData(base_model=base, library_name="transformers", pipeline_tag=family.pipeline_tag, tags=tags,
                          license=_base_license(loaded))
     config = bitsandbytes_config(quant)
     config_json = json.dumps(config.to_dict(), indent=2, default=str) if config else "null"
@@ -135,13 +136,7 @@ def build_card(loaded: LoadedModel, facts: CardFacts = CardFacts()):
         "",
         "## How to load",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        "repo = \"REPO_ID\"",
-        "tokenizer = AutoTokenizer.from_pretrained(repo)",
-        "model = AutoModelForCausalLM.from_pretrained(repo, device_map=\"auto\")",
-        "```",
+        *_load_snippet(family),
         "",
         "The quantization config is stored in `config.json`; loading needs `bitsandbytes` installed." if quant.enabled
         else "",
@@ -168,15 +163,40 @@ def build_card(loaded: LoadedModel, facts: CardFacts = CardFacts()):
         lines.append(f"| {name} | {value:.4g} |")
     if facts.sample_prompt and facts.sample_answer:
         lines += ["", "## Sample", "", f"**Prompt:** {facts.sample_prompt}", "", f"**Answer:** {facts.sample_answer}"]
-    lines += serving_section(base, quant.enabled)
+    lines += serving_section(base, quant.enabled, family)
     lines += ["", "## Library versions", "", "| library | version |", "|---|---|"]
     lines += [f"| {name} | {version} |" for name, version in library_versions().items()]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
-def serving_section(base: str, quantized: bool) -> list[str]:
+def _load_snippet(family: families.Family) -> list[str]:
+    """How to load and run the checkpoint with plain transformers, for the model's kind."""
+    lines = []
+    if family.is_encoder_decoder:
+        lines += [f"An {family.label} model: load it with `{family.auto_class}` (`AutoModelForCausalLM` cannot). The "
+                  "input goes to the encoder; `generate()` returns the decoder's answer alone.", ""]
+    lines += [
+        "```python",
+        f"from transformers import {family.auto_class}, AutoTokenizer",
+        "",
+        "repo = \"REPO_ID\"",
+        "tokenizer = AutoTokenizer.from_pretrained(repo)",
+        f"model = {family.auto_class}.from_pretrained(repo, device_map=\"auto\")",
+    ]
+    if family.is_encoder_decoder:
+        lines += ["inputs = tokenizer(\"Your text\", return_tensors=\"pt\").to(model.device)",
+                  "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))"]
+    return lines + ["```"]
+
+
+def serving_section(base: str, quantized: bool, family: families.Family) -> list[str]:
     """How to serve the checkpoint when one GPU and this app are no longer enough. The commands follow vLLM's and
     TGI's documentation and were not run by this project (they need a GPU server with network access)."""
+    if family.is_encoder_decoder:
+        return ["", "## Serving", "",
+                "vLLM no longer serves T5-style encoder-decoders (it dropped them, Whisper aside, in September 2025: "
+                "vllm-project/vllm#24907). Serve this checkpoint with transformers as above, or with the "
+                "quantized-LLM app and its OpenAI-compatible API."]
     tgi = (f"TGI quantizes with bitsandbytes while loading and does not read a pre-quantized checkpoint: serve the "
            f"base model with `--quantize bitsandbytes-nf4` (or `bitsandbytes` for 8-bit):" if quantized else
            "With TGI:")

@@ -1,7 +1,10 @@
 """Loading a model as a `LoadSpec` says: from_pretrained with a BitsAndBytesConfig, then a report.
 
-The report holds what a user wants to see after a load: footprint (`get_memory_footprint`), where
-each module landed, dtype, quantization, load time, and the attention implementation in use.
+The model's family (core.families) is decided from its config before any weight is read, and picks
+the Auto class (causal LM or encoder-decoder). The report holds what a user wants to see after a
+load: the kind of model, footprint (`get_memory_footprint`), where each module landed, dtype,
+quantization and the modules kept out of it in higher precision, load time, and the attention
+implementation in use.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from core import bnb_repack, source
+from core import bnb_repack, families, source
 from core.errors import EngineError, OutOfMemoryError, SpecError
 from core.placement import explain_placement_error, normalize_device
-from core.quantization import bitsandbytes_config, describe, torch_dtype
+from core.quantization import bitsandbytes_config, describe, kept_modules, name_matcher, torch_dtype
 from core.spec import Device, LoadSpec, validate
 
 Progress = Callable[[float, str], None]
@@ -33,6 +36,8 @@ class LoadReport:
     attn_implementation: str
     parameters: int  # the model's parameters, quantized or not
     stored_elements: int  # elements of the tensors held (4-bit weights pack two values in one uint8)
+    kind: str  # the model's family, in words (core.families)
+    kept_in_higher_precision: str  # modules the model keeps out of quantization or upcast; "" when none
 
     @property
     def offloaded(self) -> dict[str, Device]:
@@ -64,6 +69,10 @@ class LoadedModel:
         """Where input ids must go: the device of the embedding layer (the first module run)."""
         return self.model.get_input_embeddings().weight.device
 
+    @property
+    def family(self) -> families.Family:
+        return families.of(self.model.config)
+
 
 def cuda_device_count() -> int:
     import torch
@@ -77,14 +86,15 @@ def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
     checked = validate(spec, cuda_device_count())
     progress(0.02, f"Resolving {'the embedded SmolLM2-135M-Instruct' if checked.is_embedded else checked.model}")
     path = source.resolve(checked, progress)
+    family = families.of(source.load_config(checked, path=path))  # before any weight is read
     started = time.perf_counter()
     progress(0.35, "Loading tokenizer")
-    tokenizer = _load_tokenizer(checked, path)
+    tokenizer = _load_tokenizer(checked, path, family)
     action = f"Loading weights and quantizing them ({describe(checked.quant)})" if checked.quant.enabled \
         else f"Loading weights ({checked.dtype})"
     progress(0.4, action)
     with _weight_progress(progress, 0.4, 0.93, action):
-        model = _from_pretrained(checked, path)
+        model = _from_pretrained(checked, path, family)
     model.eval()
     originals = bnb_repack.capture(model)  # before the first forward repacks 4-bit weights on the CPU
     seconds = time.perf_counter() - started
@@ -94,6 +104,7 @@ def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
         device_map=_actual_device_map(model), footprint_bytes=int(model.get_memory_footprint()),
         load_seconds=seconds, attn_implementation=model.config._attn_implementation,
         parameters=count_parameters(model), stored_elements=sum(p.numel() for p in model.parameters()),
+        kind=family.label, kept_in_higher_precision=kept_summary(model, checked),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, spec=checked, report=report, bnb_originals=originals)
 
@@ -128,7 +139,23 @@ def count_parameters(model) -> int:
     return total
 
 
-def _load_tokenizer(spec: LoadSpec, path: str):
+def kept_summary(model, spec: LoadSpec) -> str:
+    """One line on the modules the model keeps in higher precision, when that changes anything: they stay out of
+    quantization, or load in another dtype than the rest. For T5: 'wo'."""
+    names = kept_modules(model)
+    matches = name_matcher(names)
+    kept = [(n, p) for n, p in model.named_parameters() if matches(n)]
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in kept})
+    if not kept or (not spec.quant.enabled and dtypes == [spec.dtype]):
+        return ""
+    modules = len({n.rsplit(".", 1)[0] for n, _ in kept})
+    size = sum(p.numel() * p.element_size() for _, p in kept)
+    how = "not quantized, " if spec.quant.enabled else ""
+    return (f"{', '.join(names)}: {modules} modules, {how}{'/'.join(dtypes)}, {size / 2**20:,.1f} MiB "
+            "(the model keeps them in higher precision; counted in the footprint)")
+
+
+def _load_tokenizer(spec: LoadSpec, path: str, family: families.Family):
     from transformers import AutoTokenizer
 
     with source.hub_errors_explained(spec):
@@ -136,7 +163,7 @@ def _load_tokenizer(spec: LoadSpec, path: str):
                                                   trust_remote_code=spec.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # decoder-only batches pad on the left so new tokens line up
+    tokenizer.padding_side = family.padding_side
     return tokenizer
 
 
@@ -160,9 +187,8 @@ def _device_map_for(spec: LoadSpec):
     return {module: device_label(device) for module, device in planned.device_map.items()}
 
 
-def _from_pretrained(spec: LoadSpec, path: str):
+def _from_pretrained(spec: LoadSpec, path: str, family: families.Family):
     import torch
-    from transformers import AutoModelForCausalLM
 
     device_map = _device_map_for(spec)
     kwargs: dict[str, Any] = dict(
@@ -176,7 +202,7 @@ def _from_pretrained(spec: LoadSpec, path: str):
         kwargs["quantization_config"] = quantization_config
     try:
         with source.hub_errors_explained(spec):
-            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            return family.auto_model().from_pretrained(path, **kwargs)
     except torch.OutOfMemoryError as error:
         raise OutOfMemoryError(
             "The GPU ran out of memory while loading. Quantize (nf4 needs about a quarter of bf16), lower the "

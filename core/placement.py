@@ -5,7 +5,13 @@ bitsandbytes layers exactly as `from_pretrained` would (the quantizer's `preproc
 the same device-map inference transformers runs when loading (`_get_device_map`: balanced budgets,
 the quantizer's 10% reserve, accelerate's `infer_auto_device_map`). So the plan is the placement the
 load will get. GPUs only need to exist in the budget, not in the machine: a two-GPU split can be
-planned on a laptop.
+planned on a laptop. The model class comes from the model's family (core.families): causal LMs and
+encoder-decoders alike, encoder, decoder and cross-attention included.
+
+From the same meta model the plan also counts, per device, what transformers' placement sizes leave
+out and the fit check adds: bitsandbytes' scales beside the packed weights, the modules transformers
+upcasts to fp32 after placing (a model's keep-in-fp32 modules in a float16 load), and the decoder
+layers, which hold the KV cache.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from core import families
 from core.errors import BudgetTooSmallError
-from core.spec import Device, LoadSpec, for_planning
+from core.spec import Device, LoadSpec, QuantSpec, for_planning
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,10 @@ class PlacementPlan:
     bytes_per_device: dict[Device, int]  # weights and buffers on each device
     budget: dict[Device, int]  # the user's budget in bytes (empty: whatever the machine has)
     total_bytes: int
+    kind: str  # the model's family, in words (core.families)
+    quant_state_bytes: dict[Device, int]  # bitsandbytes' absmax / row scales beside the packed weights
+    upcast_bytes: dict[Device, int]  # keep-in-fp32 modules: what their upcast adds to their planned size
+    kv_layers: dict[Device, int]  # decoder layers, where the KV cache lives
 
     @property
     def gpus_planned(self) -> int:
@@ -88,14 +99,14 @@ def _run_text(run: tuple[str, int, int]) -> str:
 def empty_model(spec: LoadSpec, config):
     """The model on the meta device, with bitsandbytes layers in place when quantized; and its quantizer."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
 
     from core.quantization import bitsandbytes_config, torch_dtype
 
     dtype = torch_dtype(spec.dtype)
+    auto_model = families.of(config).auto_model()
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+        model = auto_model.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
     quantizer = None
     qconfig = bitsandbytes_config(spec.quant)
     if qconfig is not None:
@@ -124,14 +135,75 @@ def plan(spec: LoadSpec, config=None) -> PlacementPlan:
     if not isinstance(device_map, dict):
         device_map = {"": device_map}
     sizes, _ = compute_module_sizes(model, quantizer)
+    placed = {m: normalize_device(d) for m, d in device_map.items()}
     per_device: dict[Device, int] = defaultdict(int)
-    for module, device in device_map.items():
-        per_device[normalize_device(device)] += int(sizes.get(module, 0))
+    for module, device in placed.items():
+        per_device[device] += int(sizes.get(module, 0))
     return PlacementPlan(
-        model=checked.model, quantization=checked.quant.mode, dtype=checked.dtype,
-        device_map={m: normalize_device(d) for m, d in device_map.items()},
+        model=checked.model, quantization=checked.quant.mode, dtype=checked.dtype, device_map=placed,
         bytes_per_device=dict(per_device), budget=dict(checked.max_memory), total_bytes=int(sizes.get("", 0)),
+        kind=families.of(config).label, quant_state_bytes=_quant_state_bytes(model, checked.quant, placed),
+        upcast_bytes=_upcast_bytes(model, checked.dtype, placed), kv_layers=_kv_layers(model, placed),
     )
+
+
+def device_of(name: str, device_map: dict[str, Device]) -> Device:
+    """The device of a module or parameter: that of the longest module name in the map that contains it."""
+    best, device = -1, next(iter(device_map.values()))
+    for module, where in device_map.items():
+        if (not module or name == module or name.startswith(module + ".")) and len(module) > best:
+            best, device = len(module), where
+    return device
+
+
+def quant_overhead(numel_quantized: int, quant: QuantSpec, out_features: int) -> int:
+    """Bytes bitsandbytes stores beside the packed weights of a quantized layer: 4-bit keeps one fp32 absmax per
+    block of 64 weights (or a uint8 one plus a small fp32 table with double quantization), int8 one fp32 scale per
+    output row."""
+    if quant.bits == 4:
+        blocks = numel_quantized // 64
+        return blocks + (blocks // 256) * 4 if quant.double_quant else blocks * 4
+    if quant.bits == 8:
+        return out_features * 4
+    return 0
+
+
+def _quant_state_bytes(model, quant: QuantSpec, placed: dict[str, Device]) -> dict[Device, int]:
+    if not quant.enabled:
+        return {}
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+    per_device: dict[Device, int] = defaultdict(int)
+    for name, module in model.named_modules():
+        if isinstance(module, (Linear4bit, Linear8bitLt)):
+            numel = module.in_features * module.out_features
+            per_device[device_of(name, placed)] += quant_overhead(numel, quant, module.out_features)
+    return dict(per_device)
+
+
+def _upcast_bytes(model, dtype: str, placed: dict[str, Device]) -> dict[Device, int]:
+    """transformers sizes its placement before it upcasts keep-in-fp32 modules; what that upcast adds per device."""
+    from core.quantization import fp32_upcast
+
+    upcast = fp32_upcast(model, dtype)
+    per_device: dict[Device, int] = defaultdict(int)
+    for name, parameter in model.named_parameters():
+        if upcast(name) and parameter.element_size() < 4:
+            per_device[device_of(name, placed)] += parameter.numel() * (4 - parameter.element_size())
+    return dict(per_device)
+
+
+def _kv_layers(model, placed: dict[str, Device]) -> dict[Device, int]:
+    """The decoder's layers per device (all layers of a causal model, the decoder's of an encoder-decoder): the
+    modules of its unsplittable layer class under the decoder."""
+    decoder = model.get_decoder()
+    prefix = next((name for name, module in model.named_modules() if module is decoder), "")
+    layer_classes = set(model._no_split_modules or ())
+    per_device: dict[Device, int] = defaultdict(int)
+    for name, module in model.named_modules():
+        if type(module).__name__ in layer_classes and (not prefix or name.startswith(prefix + ".")):
+            per_device[device_of(name, placed)] += 1
+    return dict(per_device)
 
 
 class _AbsentGpuFilter(logging.Filter):

@@ -77,3 +77,31 @@ def describe(quant: QuantSpec) -> str:
     double = ", double quantization" if quant.double_quant else ""
     return (f"4-bit {quant.mode.upper()}, compute dtype {quant.compute_dtype}{double}, "
             f"storage {quant.quant_storage}")
+
+
+# ----------------------------------------------------------------------------- modules kept in higher precision
+
+
+def kept_modules(model) -> tuple[str, ...]:
+    """Names of the modules a model asks to keep in higher precision (T5: 'wo'). transformers 5.24 leaves them out of
+    bitsandbytes quantization in every mode, upcasts `_keep_in_fp32_modules` to fp32 only for a float16 load (for
+    a bfloat16 or float32 one they keep the load dtype), and `_keep_in_fp32_modules_strict` for bfloat16 too."""
+    return tuple(sorted(set(getattr(model, "_keep_in_fp32_modules", None) or ())
+                        | set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())))
+
+
+def name_matcher(patterns) -> Callable[[str], bool]:
+    """Whether a parameter name falls under `patterns`, matched as transformers matches its keep-in-fp32 plan (a search
+    of each pattern in the name), so the estimate and the load agree on which tensors are meant."""
+    if not patterns:
+        return lambda name: False
+    from transformers.core_model_loading import build_glob_alternation
+
+    alternation = build_glob_alternation(list(patterns))[0]
+    return lambda name: alternation.search(name) is not None
+
+
+def fp32_upcast(model, dtype: str) -> Callable[[str], bool]:
+    """Parameters transformers loads in float32 although the model loads in `dtype` (its dtype plan)."""
+    plan = model._get_dtype_plan(torch_dtype(dtype)) if hasattr(model, "_get_dtype_plan") else {}
+    return name_matcher([name for name, kept in plan.items() if kept == torch.float32])

@@ -174,16 +174,20 @@ def hub_token(spec: LoadSpec) -> bool | None:
     return None if spec.use_server_token else False
 
 
-def load_config(spec: LoadSpec, progress: Progress | None = None):
-    """The model's `PretrainedConfig`, read without loading weights. Imports no code unless trust_remote_code."""
+def load_config(spec: LoadSpec, progress: Progress | None = None, path: str | None = None):
+    """The model's `PretrainedConfig`, read without loading weights. Imports no code unless trust_remote_code.
+
+    `path`: the folder `resolve` returned for this spec, read instead of reaching the Hub again."""
     from transformers import AutoConfig
 
-    path = str(default_model.ensure_checkpoint(progress)) if spec.is_embedded else spec.model
+    resolved = path is not None
+    if path is None:
+        path = str(default_model.ensure_checkpoint(progress)) if spec.is_embedded else spec.model
     with hub_errors_explained(spec):
         try:
-            return AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                                              token=hub_token(spec),
-                                              local_files_only=is_hub_id(spec) and not hub_reachable())
+            return AutoConfig.from_pretrained(path, revision=None if resolved else spec.revision,
+                                              trust_remote_code=spec.trust_remote_code, token=hub_token(spec),
+                                              local_files_only=resolved or (is_hub_id(spec) and not hub_reachable()))
         except ValueError as error:
             first = (str(error).strip().splitlines() or [""])[0][:200]
             if "trust_remote_code" in str(error):

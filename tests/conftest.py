@@ -81,6 +81,43 @@ def tiny_model(folder: Path, checkpoint: Path, **generation: object) -> Path:
     return folder
 
 
+START_TOKEN = 378  # " The" in the embedded tokenizer: the random encoder-decoders' decoder start token
+
+
+def tiny_seq2seq(folder: Path, checkpoint: Path, arch: str = "t5", chat_template: bool = False) -> Path:
+    """A two-layer encoder-decoder (T5 as Flan-T5 builds it, gated-GELU; or BART) with random weights and the
+    embedded model's tokenizer, without its chat template unless asked: a text-to-text checkpoint in a second.
+
+    No T5 tokenizer can be downloaded here, so the embedded one stands in: ids and special tokens are set to ones it
+    has. The decoder starts from an ordinary token (" The") rather than T5's pad: a random model tends to repeat its
+    start token, and a special one would decode to nothing."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    ids = dict(vocab_size=49152, pad_token_id=2, eos_token_id=2, decoder_start_token_id=START_TOKEN)
+    if arch == "t5":
+        config = T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                          feed_forward_proj="gated-gelu", architectures=["T5ForConditionalGeneration"], **ids)
+        model = T5ForConditionalGeneration(config)
+    else:
+        config = BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                            max_position_embeddings=256, bos_token_id=1, forced_eos_token_id=None,
+                            architectures=["BartForConditionalGeneration"], **ids)
+        model = BartForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    names = ("tokenizer.json", "tokenizer_config.json") + (("chat_template.jinja",) if chat_template else ())
+    for name in names:
+        shutil.copy(checkpoint / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def t5_folder(checkpoint, session_dir) -> Path:
+    return tiny_seq2seq(session_dir / "tiny-t5", checkpoint)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)

@@ -71,7 +71,9 @@ def sampling_defaults(loaded: loading.LoadedModel) -> tuple[GenerationSpec, str]
 def build(ctx: AppContext) -> ModelTab:
     with gr.Row():
         model = gr.Textbox(label="Model (Hub id or local folder; empty: embedded SmolLM2-135M-Instruct)", value="",
-                           placeholder="HuggingFaceTB/SmolLM2-360M-Instruct", scale=3)
+                           placeholder="HuggingFaceTB/SmolLM2-360M-Instruct", scale=3,
+                           info="A causal LM (Llama, Qwen, SmolLM, ...) or an encoder-decoder (T5, Flan-T5, BART, "
+                                "...): the kind is read from its config.")
         revision = gr.Textbox(label="Revision (Hub models)", value="", placeholder="main", scale=1)
         dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype", scale=1)
     quant = gr.Radio(QUANT_CHOICES, value="none", label="Quantization (bitsandbytes)")

@@ -38,8 +38,8 @@ def model_name(model: str) -> str:
 
 
 def plan(result: PlacementPlan, gpus_here: int) -> str:
-    lines = [f"**Plan for** {esc(model_name(result.model))} · {esc(result.quantization)} · {result.dtype} · "
-             f"total weights {mib(result.total_bytes)}", "",
+    lines = [f"**Plan for** {esc(model_name(result.model))} ({result.kind}) · {esc(result.quantization)} · "
+             f"{result.dtype} · total weights {mib(result.total_bytes)}", "",
              "| device | budget | planned | modules |", "|---|---|---|---|"]
     for device, modules, size in result.table():
         budget = next((b for d, b in result.budget.items() if device_label(d) == device), None)
@@ -68,7 +68,10 @@ def load(report: LoadReport, fast: FastPathState) -> str:
     lines = [
         f"**Loaded** {esc(model_name(report.model))} in {report.load_seconds:.1f} s", "",
         "| property | value |", "|---|---|",
+        f"| model kind | {report.kind} |",
         f"| quantization | {report.quantization} |",
+        *([f"| kept in higher precision | {esc(report.kept_in_higher_precision)} |"]
+          if report.kept_in_higher_precision else []),
         f"| dtype | {report.dtype} |",
         f"| footprint | {mib(report.footprint_bytes)} |",
         f"| parameters | {report.parameters:,} |",
@@ -147,6 +150,7 @@ def quality_report(report: QualityReport) -> str:
         "| measure | this model | full precision |", "|---|---|---|",
         f"| perplexity | {report.perplexity:.2f} | {report.reference_perplexity:.2f} |",
         f"| next-token agreement with full precision | {report.agreement:.1%} | 100% |",
+        "", f"Scored: {report.method}.",
     ])
 
 
