@@ -5,6 +5,7 @@
 #   sweep   the fast path's kernels against the libraries' per 8B layer shape (decode.py --sweep)
 #   decode  the decode table, 8B shapes, torchao peers beside, compile mode $COMPILE_MODE
 #   split   the split-placement check
+#   seq2seq T5-11b shapes in bf16, nf4 and int8: footprint, peak, decode speed, fit estimate (benchmarks/seq2seq.py)
 # Carry .whl (bitsandbytes, transformers and torchao wheels; tokenizer/ with SmolLM2's tokenizer);
 # $WHL names that folder when it is not ./.whl.
 set -u
@@ -23,6 +24,9 @@ for stage in ${STAGES:-tests decode split}; do
         --compile-mode "${COMPILE_MODE:-default}" --peers "${PEERS-int8wo,int4wo}" --prompt-len 128 --new "${NEW:-128}" \
         --repeats 1 --raw ${PROFILE:+--profile "$OUT/profiles.txt"} --tokenizer "$WHL/tokenizer" \
         --results "$OUT/decode.md" --json "$OUT/decode.json" 2>&1 | grep -v "Loading weights\|Writing model" | tail -60 ;;
+    seq2seq) timeout "${SEQ2SEQ_S:-480}" python3 benchmarks/seq2seq.py --shapes t5-11b --tokenizer "$WHL/tokenizer" \
+        --work /tmp/llm-bench --modes "${SEQ2SEQ_MODES:-none,nf4,int8}" --results "$OUT/seq2seq.md" \
+        --json "$OUT/seq2seq.json" 2>&1 | grep -v "MatMul8bitLt\|Loading weights\|Writing model" | tail -40 ;;
     split) timeout "${SPLIT_S:-120}" python3 benchmarks/split.py --model smol --tokenizer "$WHL/tokenizer" 2>&1 | tee "$OUT/split.md" | tail -8 ;;
   esac
 done

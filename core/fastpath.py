@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from core import kernels
+from core import families, kernels
 from core.loading import LoadedModel
 
 
@@ -83,6 +83,7 @@ def choose(loaded: LoadedModel, compile_step: bool | None = None, own_kernels: b
     decode is host-bound for every dtype (the GPU is busy ~20% of each step), so the decode step is
     replayed as a CUDA graph from a static cache; sdpa stays, since inside the graph it beat eager.
     On the CPU nothing here helps (measured on the embedded model), so the canonical settings stay.
+    An encoder-decoder on a GPU keeps plain decode (core.families.fast_path_support says why).
     `own_kernels=False` leaves the layers to their libraries (the fast path before core.kernels).
     """
     compile_step = loaded.spec.fast_path_compile if compile_step is None else compile_step
@@ -99,6 +100,11 @@ def choose(loaded: LoadedModel, compile_step: bool | None = None, own_kernels: b
                               "Some modules are offloaded to the CPU or disk: their transfers dominate each step "
                               "and cannot be captured in a CUDA graph.")
     attn = loaded.model.config._attn_implementation
+    support = families.fast_path_support(loaded.model)
+    if not support.cuda_graph:  # an encoder-decoder: the graphed step drives decoder-only forwards
+        quiet = quant.mode == "int8"
+        return FastPathChoice(attn, None, support.reason + (" bitsandbytes' per-matmul int8 log line is silenced."
+                                                           if quiet else ""), quiet_int8_log=quiet)
     missing = kernels.unavailable("cuda") if own_kernels else "they are turned off"
     graphed = dict(cuda_graph=True, compile_step=compile_step, quiet_int8_log=quant.mode == "int8",
                    kernels=missing is None)

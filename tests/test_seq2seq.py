@@ -248,6 +248,15 @@ def test_fast_path_on_a_static_encoder_decoder_cache_reverses_exactly(t5, mode):
 # ----------------------------------------------------------------------------- quality and compare
 
 
+def test_on_a_gpu_the_fast_path_leaves_an_encoder_decoder_ungraphed_with_the_reason(t5, loaded_models, monkeypatch):
+    monkeypatch.setattr(fastpath, "_on_gpu", lambda loaded: True)
+    for mode in ("none", "int8", "nf4"):
+        choice = fastpath.choose(t5(mode))
+        assert not choice.cuda_graph and not choice.kernels and choice.cache_implementation is None
+        assert choice.reason.startswith("Encoder-decoder model") and choice.quiet_int8_log == (mode == "int8")
+    assert fastpath.choose(loaded_models("nf4")).cuda_graph  # a causal LM keeps its graph
+
+
 def test_quality_and_compare_run_on_an_encoder_decoder(t5_folder):
     engine = Engine()
     engine.load(LoadSpec(model=str(t5_folder), quant=QuantSpec(mode="nf4")))
