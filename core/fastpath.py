@@ -100,12 +100,14 @@ def choose(loaded: LoadedModel, compile_step: bool | None = None, own_kernels: b
                               "Some modules are offloaded to the CPU or disk: their transfers dominate each step "
                               "and cannot be captured in a CUDA graph.")
     attn = loaded.model.config._attn_implementation
+    missing = kernels.unavailable("cuda") if own_kernels else "they are turned off"
     support = families.fast_path_support(loaded.model)
     if not support.cuda_graph:  # an encoder-decoder: the graphed step drives decoder-only forwards
-        quiet = quant.mode == "int8"
-        return FastPathChoice(attn, None, support.reason + (" bitsandbytes' per-matmul int8 log line is silenced."
-                                                           if quiet else ""), quiet_int8_log=quiet)
-    missing = kernels.unavailable("cuda") if own_kernels else "they are turned off"
+        w8a16 = quant.mode == "int8" and missing is None
+        extra = (" LLM.int8() layers run as weight-only int8 through the fast path's kernel (W8A16), which measured "
+                 "2.1x LLM.int8() on t5-11b shapes (benchmarks/RESULTS.md)." if w8a16 else
+                 " bitsandbytes' per-matmul int8 log line is silenced." if quant.mode == "int8" else "")
+        return FastPathChoice(attn, None, support.reason + extra, quiet_int8_log=quant.mode == "int8", kernels=w8a16)
     graphed = dict(cuda_graph=True, compile_step=compile_step, quiet_int8_log=quant.mode == "int8",
                    kernels=missing is None)
     if quant.mode == "int8" and missing is None:

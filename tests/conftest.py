@@ -120,7 +120,7 @@ def t5_folder(checkpoint, session_dir) -> Path:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)  # keep what is there
     env.update(extra)
     return env
 

@@ -250,9 +250,11 @@ def test_fast_path_on_a_static_encoder_decoder_cache_reverses_exactly(t5, mode):
 
 def test_on_a_gpu_the_fast_path_leaves_an_encoder_decoder_ungraphed_with_the_reason(t5, loaded_models, monkeypatch):
     monkeypatch.setattr(fastpath, "_on_gpu", lambda loaded: True)
+    monkeypatch.setattr(fastpath.kernels, "unavailable", lambda device: None)  # as on a GPU with Triton
     for mode in ("none", "int8", "nf4"):
         choice = fastpath.choose(t5(mode))
-        assert not choice.cuda_graph and not choice.kernels and choice.cache_implementation is None
+        assert not choice.cuda_graph and choice.cache_implementation is None
+        assert choice.kernels == (mode == "int8")  # W8A16 measured 2.1x LLM.int8() on t5-11b; the 4-bit GEMV slower
         assert choice.reason.startswith("Encoder-decoder model") and choice.quiet_int8_log == (mode == "int8")
     assert fastpath.choose(loaded_models("nf4")).cuda_graph  # a causal LM keeps its graph
 
