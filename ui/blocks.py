@@ -32,8 +32,8 @@ def role_banner(ctx: AppContext, caller: Caller) -> str:
 
 def build(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="Quantized LLM") as demo:
-        gr.Markdown("# Quantized LLM on one GPU\nLoad a causal LM with bitsandbytes (8-bit or 4-bit), place it under "
-                    "a memory budget, chat with it, and push it to the Hub.")
+        gr.Markdown("# Quantized LLM on one GPU\nLoad a causal LM or an encoder-decoder with bitsandbytes (8-bit or "
+                    "4-bit), place it under a memory budget, chat with it, and push it to the Hub.")
         banner = gr.Markdown(elem_id="role-banner")
         with gr.Tab("Model"):
             model = model_tab.build(ctx)
