@@ -197,8 +197,8 @@ def serving_section(base: str, quantized: bool, family: families.Family) -> list
                 "vLLM no longer serves T5-style encoder-decoders (it dropped them, Whisper aside, in September 2025: "
                 "vllm-project/vllm#24907). Serve this checkpoint with transformers as above, or with the "
                 "quantized-LLM app and its OpenAI-compatible API."]
-    tgi = (f"TGI quantizes with bitsandbytes while loading and does not read a pre-quantized checkpoint: serve the "
-           f"base model with `--quantize bitsandbytes-nf4` (or `bitsandbytes` for 8-bit):" if quantized else
+    tgi = ("TGI quantizes with bitsandbytes while loading and does not read a pre-quantized checkpoint: serve the "
+           "base model with `--quantize bitsandbytes-nf4` (or `bitsandbytes` for 8-bit):" if quantized else
            "With TGI:")
     return ["", "## Serving", "",
             "vLLM reads this checkpoint as it is (it takes the quantization from `config.json`) and serves the same "

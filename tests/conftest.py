@@ -118,6 +118,33 @@ def t5_folder(checkpoint, session_dir) -> Path:
     return tiny_seq2seq(session_dir / "tiny-t5", checkpoint)
 
 
+def quant_state_bytes(loaded) -> int:
+    """Bytes bitsandbytes keeps beside packed weights (absmax, nested stats, int8 row scales), in the canonical
+    layout: on the CPU, 4-bit layers that have run hold a repacked bf16 copy (core/bnb_repack.py)."""
+    total = 0
+    for name, module in loaded.model.named_modules():
+        weight = getattr(module, "weight", None)
+        state = loaded.bnb_originals.get(name, getattr(weight, "quant_state", None))
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        scb = getattr(weight, "SCB", None)
+        if scb is not None and not any(scb is b for b in module.buffers()):
+            total += scb.numel() * scb.element_size()
+    return total
+
+
+def canonical_snapshot(loaded):
+    """Module tree, config and state dict; the state dict read through core.bnb_repack, since a plain
+    state_dict() of a 4-bit CPU model that has run would change the model it reads."""
+    from core import bnb_repack
+
+    with bnb_repack.canonical_weights(loaded.model, loaded.bnb_originals):
+        state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    return str(loaded.model), loaded.model.config.to_dict(), state
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)  # keep what is there

@@ -19,7 +19,7 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from conftest import QUESTION, WRITE_TOKEN, AppProcess
-from test_app import FOOTER, answer, content
+from test_app import answer
 
 VISITOR_REFUSED = "Only the owner of this app may"
 

@@ -7,13 +7,10 @@ that goes away mid-answer.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from gradio_client.exceptions import AppError

@@ -8,8 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from conftest import QUESTION, ROOT, subprocess_env
 
 ARTIFACTS = ROOT / "test-artifacts"

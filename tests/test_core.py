@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import QUESTION, ROOT, subprocess_env
-from core import bnb_repack, fastpath, generation
+from conftest import QUESTION, ROOT, canonical_snapshot, subprocess_env
+from core import fastpath, generation
 from core.engine import Engine
 from core.errors import BudgetTooSmallError, EnvironmentNotSupportedError, OutOfMemoryError, SpecError
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_max_memory, parse_model, parse_size
@@ -33,18 +33,10 @@ def test_footprints_are_ordered_fp32_int8_4bit(loaded_models):
     assert "4-bit NF4" in loaded_models("nf4").report.quantization
 
 
-def _snapshot(loaded):
-    """Module tree, config and state dict; the state dict read through core.bnb_repack, since a plain
-    state_dict() of a 4-bit CPU model that has run would change the model it reads."""
-    with bnb_repack.canonical_weights(loaded.model, loaded.bnb_originals):
-        state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    return str(loaded.model), loaded.model.config.to_dict(), state
-
-
 @pytest.mark.parametrize("mode", ["none", "nf4"])
 def test_fast_path_reverse_is_bitwise_exact(loaded_models, mode):
     loaded = loaded_models(mode)
-    tree, config, state = _snapshot(loaded)
+    tree, config, state = canonical_snapshot(loaded)
     before = generation.generate(loaded, [QUESTION], GREEDY).token_ids
     # Force the GPU recipe (eager attention + static cache) so the change is real on the CPU too.
     on = fastpath.enable(loaded, fastpath.FastPathChoice("eager", "static", "test"))
@@ -53,7 +45,7 @@ def test_fast_path_reverse_is_bitwise_exact(loaded_models, mode):
     assert generation.generate(loaded, [QUESTION], GREEDY).token_ids == before
     off = fastpath.reverse(loaded)
     assert not off.enabled and off.attn_implementation == "sdpa" and off.cache_implementation == "dynamic"
-    tree2, config2, state2 = _snapshot(loaded)
+    tree2, config2, state2 = canonical_snapshot(loaded)
     assert tree2 == tree and config2 == config
     assert state2.keys() == state.keys()
     assert all(torch.equal(state[k], state2[k]) and state[k].dtype == state2[k].dtype for k in state)

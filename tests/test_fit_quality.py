@@ -7,28 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import QUESTION
+from conftest import QUESTION, quant_state_bytes
 from core import fit, generation, hub, quality
 from core.engine import Engine
 from core.errors import SaveError
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_max_memory
-
-
-def _quant_state_bytes(loaded) -> int:
-    """Bytes bitsandbytes keeps beside packed weights (absmax, nested stats, int8 row scales), in the canonical
-    layout: on the CPU, 4-bit layers that have run hold a repacked bf16 copy (core/bnb_repack.py)."""
-    total = 0
-    for name, module in loaded.model.named_modules():
-        weight = getattr(module, "weight", None)
-        state = loaded.bnb_originals.get(name, getattr(weight, "quant_state", None))
-        if state is not None:
-            total += state.absmax.numel() * state.absmax.element_size()
-            if state.state2 is not None:
-                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
-        scb = getattr(weight, "SCB", None)
-        if scb is not None and not any(scb is b for b in module.buffers()):
-            total += scb.numel() * scb.element_size()
-    return total
 
 
 @pytest.mark.parametrize("mode", ["none", "int8", "fp4", "nf4"])
@@ -39,7 +22,7 @@ def test_estimate_matches_measured_weights_and_kv_cache(loaded_models, mode):
     device = estimate.devices[0]
     measured = loaded.report.footprint_bytes
     assert abs(device.weights - measured) / measured < 0.10  # the footprint transformers reports
-    assert abs(device.weights - (measured + _quant_state_bytes(loaded))) / measured < 0.005
+    assert abs(device.weights - (measured + quant_state_bytes(loaded))) / measured < 0.005
     inputs = generation.build_inputs(loaded, [QUESTION], GenerationSpec())
     new = 64 - inputs["input_ids"].shape[1]
     with torch.inference_mode():

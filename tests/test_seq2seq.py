@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from conftest import QUESTION, ROOT, WRITE_TOKEN, subprocess_env, tiny_seq2seq
-from core import bnb_repack, compare, families, fastpath, fit, generation, hub, loading, placement, quality
+from conftest import QUESTION, ROOT, WRITE_TOKEN, canonical_snapshot, quant_state_bytes, subprocess_env, tiny_seq2seq
+from core import compare, families, fastpath, fit, generation, hub, loading, placement, quality
 from core.engine import Engine
 from core.errors import SpecError
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_max_memory
@@ -99,19 +99,6 @@ def test_a_model_of_neither_kind_is_refused_before_any_weight_is_read(bert_folde
 # ----------------------------------------------------------------------------- loading, plan, fit
 
 
-def _quant_state_bytes(loaded) -> int:
-    total = 0
-    for name, module in loaded.model.named_modules():
-        weight = getattr(module, "weight", None)
-        state = loaded.bnb_originals.get(name, getattr(weight, "quant_state", None))
-        if state is not None:
-            total += state.absmax.numel() * state.absmax.element_size()
-        scb = getattr(weight, "SCB", None)
-        if scb is not None:
-            total += scb.numel() * scb.element_size()
-    return total
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_each_mode_loads_keeps_wo_and_the_estimate_matches(t5, t5_folder, mode):
     from bitsandbytes.nn import Linear4bit, Linear8bitLt
@@ -127,7 +114,7 @@ def test_each_mode_loads_keeps_wo_and_the_estimate_matches(t5, t5_folder, mode):
     kept = loaded.report.kept_in_higher_precision
     assert (kept.startswith("wo: 4 modules, not quantized, float32") if mode != "none" else kept == "")
     estimate = fit.estimate(LoadSpec(model=str(t5_folder), quant=QuantSpec(mode=mode)), context_length=64)
-    measured = loaded.report.footprint_bytes + _quant_state_bytes(loaded)
+    measured = loaded.report.footprint_bytes + quant_state_bytes(loaded)
     assert estimate.fits and abs(estimate.devices[0].weights - measured) / measured < 0.001
 
 
@@ -221,18 +208,12 @@ def test_a_chat_template_is_used_when_the_model_has_one(checkpoint, tmp_path):
     assert generation.generate(loaded, [QUESTION], GREEDY).metrics.new_tokens > 0
 
 
-def _snapshot(loaded):
-    with bnb_repack.canonical_weights(loaded.model, loaded.bnb_originals):
-        state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    return str(loaded.model), loaded.model.config.to_dict(), state
-
-
 @pytest.mark.parametrize("mode", ["none", "nf4"])
 def test_fast_path_on_a_static_encoder_decoder_cache_reverses_exactly(t5, mode):
     loaded = t5(mode)
     assert families.fast_path_support(loaded.model).cuda_graph is False
     assert "Encoder-decoder" in families.fast_path_support(loaded.model).reason
-    tree, config, state = _snapshot(loaded)
+    tree, config, state = canonical_snapshot(loaded)
     before = generation.generate(loaded, [QUESTION], GREEDY, min_new_tokens=8).token_ids
     # The GPU recipe forced on the CPU: transformers then builds an EncoderDecoderCache of two StaticCaches.
     on = fastpath.enable(loaded, fastpath.FastPathChoice("eager", "static", "test"))
@@ -240,7 +221,7 @@ def test_fast_path_on_a_static_encoder_decoder_cache_reverses_exactly(t5, mode):
     assert generation.generate(loaded, [QUESTION], GREEDY, min_new_tokens=8).token_ids == before
     off = fastpath.reverse(loaded)
     assert not off.enabled and off.attn_implementation == "sdpa"
-    tree2, config2, state2 = _snapshot(loaded)
+    tree2, config2, state2 = canonical_snapshot(loaded)
     assert (tree2, config2) == (tree, config) and state2.keys() == state.keys()
     assert all(torch.equal(state[k], state2[k]) and state[k].dtype == state2[k].dtype for k in state)
 
