@@ -20,7 +20,7 @@ from pathlib import Path
 from core import bnb_repack, families, fastpath, saves
 from core.errors import PushError, SaveError
 from core.hub_errors import explain_hub_error
-from core.loading import LoadedModel
+from core.loading import LoadedModel, tokenizer_as_loaded
 from core.quantization import bitsandbytes_config
 
 LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "huggingface_hub", "safetensors")
@@ -99,7 +99,8 @@ def save(loaded: LoadedModel, folder: str | Path | None = None, facts: CardFacts
     def fill(staging: Path) -> None:
         with fastpath.suspended(loaded), bnb_repack.canonical_weights(loaded.model, loaded.bnb_originals):
             loaded.model.save_pretrained(staging)
-        loaded.tokenizer.save_pretrained(staging)
+        with tokenizer_as_loaded(loaded):
+            loaded.tokenizer.save_pretrained(staging)
         card.save(staging / "README.md")
 
     needed = int(loaded.report.footprint_bytes * 1.05) + 64 * 2**20

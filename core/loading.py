@@ -63,6 +63,7 @@ class LoadedModel:
     canonical: dict[str, Any] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)  # measured while loaded: last generation, quality
     bnb_originals: dict[str, Any] = field(default_factory=dict)  # core.bnb_repack.capture, before any forward
+    tokenizer_backend: dict[str, Any] | None = None  # the fast tokenizer's padding and truncation as loaded
 
     @property
     def input_device(self):
@@ -106,7 +107,8 @@ def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
         parameters=count_parameters(model), stored_elements=sum(p.numel() for p in model.parameters()),
         kind=family.label, kept_in_higher_precision=kept_summary(model, checked),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=checked, report=report, bnb_originals=originals)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=checked, report=report, bnb_originals=originals,
+                       tokenizer_backend=_backend_settings(tokenizer))
 
 
 @contextmanager
@@ -165,6 +167,42 @@ def _load_tokenizer(spec: LoadSpec, path: str, family: families.Family):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = family.padding_side
     return tokenizer
+
+
+def _backend_settings(tokenizer) -> dict[str, Any] | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return None if backend is None else {"padding": backend.padding, "truncation": backend.truncation}
+
+
+def _apply_backend_settings(backend, settings: dict[str, Any]) -> None:
+    if settings["padding"]:
+        backend.enable_padding(**settings["padding"])
+    else:
+        backend.no_padding()
+    if settings["truncation"]:
+        backend.enable_truncation(**settings["truncation"])
+    else:
+        backend.no_truncation()
+
+
+@contextmanager
+def tokenizer_as_loaded(loaded: LoadedModel) -> Iterator[None]:
+    """The fast tokenizer's padding and truncation as they were at load, for the length of a save.
+
+    A call such as `tokenizer(texts, padding=True)` (every chat) leaves its padding in the fast
+    backend's state, and `save_pretrained` writes that state into tokenizer.json: a save after a
+    chat differed from a save before it (measured with transformers 5.24 on the embedded model).
+    """
+    backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
+    if backend is None or loaded.tokenizer_backend is None:
+        yield
+        return
+    now = _backend_settings(loaded.tokenizer)
+    _apply_backend_settings(backend, loaded.tokenizer_backend)
+    try:
+        yield
+    finally:
+        _apply_backend_settings(backend, now)
 
 
 def _device_map_for(spec: LoadSpec):

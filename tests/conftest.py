@@ -36,6 +36,11 @@ import pytest  # noqa: E402
 QUESTION = "What is the capital of France?"
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The session's folder (converted checkpoint, app saves and logs: about 1.5 GB) goes with the session."""
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR

@@ -222,16 +222,13 @@ print(json.dumps(seen))
 
 def test_a_load_reports_each_phase_with_progress_that_moves(checkpoint, hub_server, tmp_path):
     import json
-    import shutil
 
     from conftest import WRITE_TOKEN
     from huggingface_hub import HfApi
 
-    folder = tmp_path / "model"
-    shutil.copytree(checkpoint, folder)
     api = HfApi(endpoint=hub_server.url, token=WRITE_TOKEN)
     api.create_repo("alice/progress", exist_ok=True)
-    api.upload_folder(folder_path=folder, repo_id="alice/progress")
+    api.upload_folder(folder_path=checkpoint, repo_id="alice/progress")
     env = subprocess_env(**{**hub_server.env(tmp_path / "hf-home"), "HF_TOKEN": WRITE_TOKEN})
     done = subprocess.run([sys.executable, "-c", _PROGRESS, "alice/progress"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
