@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from core.kernels.tiling import Blocks, gemv_blocks, gemv_grid, outputs, rows_of, segment, three, three_rows
+from core.kernels.tiling import (Blocks, gemv_blocks, gemv_grid, outputs, row_dots, rows_of, segment, three,
+                                  three_rows)
 
 
 def reference(x: torch.Tensor, weights: list[torch.Tensor], silu_pair: bool) -> list[torch.Tensor]:
@@ -23,20 +24,6 @@ def reference(x: torch.Tensor, weights: list[torch.Tensor], silu_pair: bool) -> 
         gate, up = outs
         outs = [torch.nn.functional.silu(gate) * up]
     return [o.to(x.dtype) for o in outs]
-
-
-@triton.jit
-def row_dots(x_ptr, w_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_N]: x · W[row] for each of `rows`."""
-    base = w_ptr + rows.to(tl.int64)[:, None] * K
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # one cross-thread reduction, after the loop
-    for start in range(0, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        inside = cols < K
-        w = tl.load(base + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
-        x = tl.load(x_ptr + cols, mask=inside, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    return tl.sum(acc, axis=1)
 
 
 @triton.jit

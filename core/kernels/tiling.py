@@ -60,6 +60,20 @@ def dividing(k: int, target: int, floor: int) -> int:
 
 
 @triton.jit
+def row_dots(x_ptr, w_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_N]: x · W[row] for each of `rows` of a row-major [N, K] weight (16-bit, or int8 codes)."""
+    base = w_ptr + rows.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # one cross-thread reduction, after the loop
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        inside = cols < K
+        w = tl.load(base + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
+        x = tl.load(x_ptr + cols, mask=inside, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def segment(pid, N0, N1, N2, w0, w1, w2, s0, s1, s2, o0, o1, o2, BLOCK_N: tl.constexpr):
     """(weight, scale, output, rows of that weight, first row) for program `pid`."""
     blocks0 = tl.cdiv(N0, BLOCK_N)

@@ -22,6 +22,7 @@ import triton.language as tl
 from core.kernels import interpreted
 from core.kernels.tiling import (Blocks, gemm_blocks, gemv_blocks, gemv_grid, outputs, rows_of, segment, three,
                                   three_rows)
+from core.kernels.tiling import row_dots as code_dots
 
 SCALE = 1.0 / 127.0  # CB holds round(127 · w / absmax(row))
 
@@ -37,18 +38,10 @@ def reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
 
 @triton.jit
 def row_dots(x_ptr, cb_ptr, scb_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_N]: x · dequantized(CB[row]) for each of `rows`."""
-    base = cb_ptr + rows.to(tl.int64)[:, None] * K
-    # A 2D accumulator: one cross-thread reduction at the end instead of one per K step.
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        inside = cols < K
-        w = tl.load(base + cols[None, :], mask=live[:, None] & inside[None, :], other=0)
-        x = tl.load(x_ptr + cols, mask=inside, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    """fp32 [BLOCK_N]: x · dequantized(CB[row]) for each of `rows`: the int8 sums, then each row's scale once."""
+    dots = code_dots(x_ptr, cb_ptr, rows, live, K, BLOCK_N, BLOCK_K)
     scale = tl.load(scb_ptr + rows, mask=live, other=0.0) * (1.0 / 127.0)  # CB = round(127 w / absmax)
-    return tl.sum(acc, axis=1) * scale
+    return dots * scale
 
 
 @triton.jit
