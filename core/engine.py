@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from core import families, fastpath, loading, placement, source
-from core.errors import BudgetTooSmallError, EngineError, LoadFailedError, NoModelLoadedError
+from core.errors import BudgetTooSmallError, EngineError, LoadFailedError, NoModelLoadedError, first_line
 from core.loading import LoadedModel
 from core.spec import LoadSpec, validate
 
@@ -66,8 +66,7 @@ class Engine:
             failure = error
         else:
             log.exception("load failed")
-            first_line = (str(error).strip().splitlines() or [""])[0][:300]
-            failure = LoadFailedError(f"Loading failed ({type(error).__name__}: {first_line}).")
+            failure = LoadFailedError(f"Loading failed ({type(error).__name__}: {first_line(error)}).")
         if previous is None:
             return failure
         try:

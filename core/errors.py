@@ -8,6 +8,12 @@ and never contains a token.
 from __future__ import annotations
 
 
+def first_line(text: object, limit: int = 300) -> str:
+    """The first line of a message (surrounding blank space dropped), at most `limit` characters: what a one-line
+    summary or log entry quotes of a longer error."""
+    return (str(text).strip().splitlines() or [""])[0][:limit]
+
+
 class EngineError(Exception):
     """Base of every error whose message is meant for the user."""
 

@@ -1,6 +1,9 @@
-"""Hub failures in one sentence each. Needs only huggingface_hub, so the Space publisher can use it."""
+"""Hub failures in one sentence each. Needs only huggingface_hub (and core.errors, which needs nothing), so the
+Space publisher can use it."""
 
 from __future__ import annotations
+
+from core.errors import first_line
 
 
 def explain_hub_error(error: Exception, repo_id: str) -> str:
@@ -24,4 +27,4 @@ def explain_hub_error(error: Exception, repo_id: str) -> str:
 
 
 def _short(error: Exception) -> str:
-    return str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+    return first_line(error) or type(error).__name__

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from core.errors import EngineError
+from core.errors import EngineError, first_line
 from server.access import redact_paths
 from server.context import AppContext
 
@@ -41,7 +41,7 @@ def user_errors(ctx: AppContext) -> Callable[[Callable], Callable]:
         def translate(error: Exception, args: tuple, kwargs: dict) -> gr.Error:
             if isinstance(error, EngineError):
                 message, title = error.message, error.title
-                log.info("%s refused: %s: %s", handler.__name__, title, message.splitlines()[0][:300])
+                log.info("%s refused: %s: %s", handler.__name__, title, first_line(message))
             else:
                 log.exception("unexpected error in %s", handler.__name__)
                 message, title = (f"Unexpected error ({type(error).__name__}). The server log has the details.",
