@@ -26,7 +26,7 @@ from pathlib import Path
 
 from core import default_model
 from core.errors import SaveError
-from core.spec import LoadSpec
+from core.spec import LoadSpec, model_name
 
 MARKER = "llm-app-save.json"
 APP = "quantized-llm-app"
@@ -53,7 +53,7 @@ def _slug(text: str) -> str:
 
 def folder_name(spec: LoadSpec) -> str:
     """'SmolLM2-135M-Instruct-nf4-1a2b3c4d': model, @revision, quantization, hash of the full settings."""
-    model = spec.model.split(":", 1)[1] if spec.is_embedded else spec.model
+    model = model_name(spec.model)
     model = Path(model).name if model.startswith("/") else model.replace("/", "--")
     revision = f"@{spec.revision}" if spec.revision else ""
     mode = spec.quant.mode if spec.quant.enabled else spec.dtype

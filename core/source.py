@@ -22,8 +22,8 @@ from huggingface_hub import constants
 from huggingface_hub import errors as hub_errors
 
 from core import default_model
-from core.errors import HubUnreachableError, ModelNotFoundError, SpecError
-from core.spec import LoadSpec
+from core.errors import HubUnreachableError, ModelNotFoundError, SpecError, first_line
+from core.spec import LoadSpec, model_name
 
 Progress = Callable[[float, str], None]
 
@@ -189,12 +189,12 @@ def load_config(spec: LoadSpec, progress: Progress | None = None, path: str | No
                                               trust_remote_code=spec.trust_remote_code, token=hub_token(spec),
                                               local_files_only=resolved or (is_hub_id(spec) and not hub_reachable()))
         except ValueError as error:
-            first = (str(error).strip().splitlines() or [""])[0][:200]
             if "trust_remote_code" in str(error):
                 raise SpecError("model", _shown(spec), "it needs code from its own repository, which this app runs "
                                                        "only when started with --trust-remote-code") from error
-            raise SpecError("model", _shown(spec), f"transformers cannot read its config.json ({first})") from error
+            raise SpecError("model", _shown(spec),
+                            f"transformers cannot read its config.json ({first_line(error, 200)})") from error
 
 
 def _shown(spec: LoadSpec) -> str:
-    return spec.model.split(":", 1)[-1] if spec.is_embedded else spec.model
+    return model_name(spec.model)

@@ -192,10 +192,20 @@ def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def names_embedded(text: str) -> bool:
+    """Whether a model field names the embedded model: empty, 'default', 'embedded' or its own name."""
+    return not text or text.lower() in ("default", "embedded", EMBEDDED_MODEL.lower())
+
+
+def model_name(model: str) -> str:
+    """A model as people read it: the embedded one without its 'embedded:' prefix, any other as given."""
+    return model.split(":", 1)[1] if model == EMBEDDED_MODEL else model
+
+
 def parse_model(value: str | None, allow_local: bool = True) -> str:
     """'' or None -> the embedded model; a Hub id 'org/name' or (when `allow_local`) a local folder otherwise."""
     text = (value or "").strip()
-    if not text or text.lower() in ("default", "embedded", EMBEDDED_MODEL.lower()):
+    if names_embedded(text):
         return EMBEDDED_MODEL
     shown = text if len(text) <= 80 else text[:77] + "..."
     if len(text) > MAX_MODEL_CHARS:

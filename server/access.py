@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import EngineError
-from core.spec import EMBEDDED_MODEL, parse_model
+from core.spec import names_embedded, parse_model
 from server.settings import Settings
 
 
@@ -96,8 +96,7 @@ def checked_model(caller: Caller, settings: Settings, text: str | None) -> str:
     nobody a folder inside Gradio's upload area."""
     value = (text or "").strip()
     if not caller.is_owner:
-        if value and value.lower() not in ("default", "embedded", EMBEDDED_MODEL.lower()) \
-                and not _HUB_ID.match(value):
+        if not names_embedded(value) and not _HUB_ID.match(value):
             raise AccessDenied("Visitors may name a Hub model id (like 'HuggingFaceTB/SmolLM2-360M-Instruct') or "
                                "leave the model empty for the embedded one; folders on the server are for the owner.")
         return parse_model(value, allow_local=False)

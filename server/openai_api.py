@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from core import generation
 from core.errors import (EngineError, InputTooLongError, ModelNotFoundError, NoModelLoadedError, QueueFullError,
                          SpecError)
-from core.spec import GenerationSpec
+from core.spec import GenerationSpec, model_name
 from core.worker import Chunk, Job
 from server.access import Action
 from server.context import AppContext
@@ -79,9 +79,7 @@ class Completion:
 
 
 def model_id(engine) -> str:
-    from ui.render import model_name  # the same name the page shows
-
-    return model_name(engine.current.report.model)
+    return model_name(engine.current.report.model)  # the same name the page shows
 
 
 def _number(body: dict, name: str, kind: type, low: float, high: float, default: Any = None) -> Any:
@@ -215,9 +213,7 @@ def routes(ctx: AppContext) -> list:
     async def guarded(request: Request, handle) -> Any:
         try:
             check_key(ctx, request)
-            caller = ctx.caller(request)
-            ctx.admit(request, None, Action.CHAT)
-            return await handle(caller)
+            return await handle(ctx.admit(request, None, Action.CHAT))
         except ApiError as error:
             return error.response()
         except EngineError as error:
@@ -287,19 +283,21 @@ async def _stream(job: Job, completion: Completion, chat: bool) -> AsyncIterator
     stop = generation.StopText(completion.spec.stop)
     served = completion.model
 
+    def envelope(choices: list, **extra) -> str:
+        return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": served,
+                                      "choices": choices, **extra}) + "\n\n"
+
     def chunk(text: str | None, reason: str | None = None, **extra) -> str:
         if chat:
             delta = {} if text is None else {"content": text}
             choice = {"index": 0, "delta": delta, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-        return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": served,
-                                      "choices": [choice], **extra}) + "\n\n"
+        return envelope([choice], **extra)
 
     try:
         if chat:
-            yield "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": served, "choices": [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}) + "\n\n"
+            yield envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         async for event in _events(job):
             if isinstance(event, Chunk) and (text := stop.feed(event.value)):
                 yield chunk(text)
@@ -309,8 +307,7 @@ async def _stream(job: Job, completion: Completion, chat: bool) -> AsyncIterator
         yield chunk(None, _finish_reason(update, completion.spec, stop.stopped), usage=_usage(update),
                     metrics=_metrics(update))
         if completion.include_usage:
-            yield "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": served,
-                                         "choices": [], "usage": _usage(update)}) + "\n\n"
+            yield envelope([], usage=_usage(update))
     except ApiError as error:
         yield "data: " + json.dumps(error.body()) + "\n\n"
     except EngineError as error:

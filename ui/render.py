@@ -19,6 +19,7 @@ from core.hub import PushResult, SaveResult
 from core.loading import LoadReport
 from core.placement import PlacementPlan, device_label
 from core.quality import QualityReport
+from core.spec import model_name
 
 _MARKDOWN = re.compile(r"([\\`*_\[\]()#|~!])")  # what can open code, emphasis, links, images, headings, cells
 
@@ -31,10 +32,6 @@ def esc(text: object) -> str:
 
 def mib(size: float) -> str:
     return f"{size / 2**20:,.1f} MiB"
-
-
-def model_name(model: str) -> str:
-    return model.split(":", 1)[1] if model.startswith("embedded:") else model
 
 
 def plan(result: PlacementPlan, gpus_here: int) -> str:
