@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from core import fastpath
+from core import fastpath, generation
 from server.access import Action, Caller, may, visitor_note
 from ui import chat_tab, compare_tab, model_tab, render, save_tab
 from server.context import AppContext
@@ -66,7 +66,7 @@ def build(ctx: AppContext) -> gr.Blocks:
                 return role_banner(ctx, caller), "No model loaded yet.", gr.skip(), *[gr.skip()] * 6, *controls
             loaded = engine.current
             state = fastpath.state(loaded)
-            defaults, source = model_tab.sampling_defaults(loaded)
+            defaults, source = generation.defaults_from(loaded)
             return (role_banner(ctx, caller), render.load(loaded.report, state), state.enabled,
                     *model_tab.sampling_updates(defaults, source), *controls)
 

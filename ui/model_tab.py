@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from core import fastpath, fit, loading, placement
+from core import fastpath, fit, generation, loading, placement
 from core.errors import SpecError
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map, parse_max_memory
 from server.access import Action, Caller, checked_model
@@ -59,13 +59,6 @@ def load_spec(ctx: AppContext, caller: Caller, model, revision, dtype, quant, co
         device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory), fast_path=bool(fast_path),
         fast_path_compile=bool(fast_path_compile), trust_remote_code=ctx.settings.trust_remote_code,
         use_server_token=caller.is_owner)
-
-
-def sampling_defaults(loaded: loading.LoadedModel) -> tuple[GenerationSpec, str]:
-    """The Generate tab's defaults after a load: the model's own generation_config, else conservative ones."""
-    from core.generation import defaults_from
-
-    return defaults_from(loaded)
 
 
 def build(ctx: AppContext) -> ModelTab:
@@ -169,8 +162,8 @@ def build(ctx: AppContext) -> ModelTab:
 
         def work(engine, job):
             loaded = engine.load(spec, progress=job.progress)
-            return render.load(loaded.report, fastpath.state(loaded)), fastpath.state(loaded).enabled, \
-                sampling_defaults(loaded)
+            state = fastpath.state(loaded)
+            return render.load(loaded.report, state), state.enabled, generation.defaults_from(loaded)
 
         report, fast, (defaults, source) = jobs.run(ctx, work, "load", request, progress)
         return report, fast, *sampling_updates(defaults, source)
