@@ -150,6 +150,18 @@ def canonical_snapshot(loaded):
     return str(loaded.model), loaded.model.config.to_dict(), state
 
 
+def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -m core ARGS` from the repository, as a user runs the command line; `env` added to the environment."""
+    return subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def relative_error(out, expected) -> float:
+    """‖out - expected‖ / ‖expected‖; every element of `out` must have been written (kernel outputs start as NaN)."""
+    assert not out.isnan().any(), "an output element was never written"
+    return ((out.double() - expected).norm() / expected.norm()).item()
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)  # keep what is there

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import QUESTION, ROOT, canonical_snapshot, subprocess_env
+from conftest import QUESTION, ROOT, canonical_snapshot, run_cli, subprocess_env
 from core import fastpath, generation
 from core.engine import Engine
 from core.errors import BudgetTooSmallError, EnvironmentNotSupportedError, OutOfMemoryError, SpecError
@@ -124,20 +124,15 @@ def test_gpu_only_options_on_a_cpu_machine_say_so(checkpoint):
         engine.load(LoadSpec(dtype="float16"))
 
 
-def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, env=subprocess_env(**env),
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_unreachable_hub_and_unknown_model_give_one_clear_message(hub_server):
     import time
 
     started = time.perf_counter()
-    unreachable = _cli("plan", "--model", "someone/some-model", HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
+    unreachable = run_cli("plan", "--model", "someone/some-model", timeout=120, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")
     assert time.perf_counter() - started < 20  # imports included; huggingface_hub alone retried for 25 s
     assert unreachable.returncode == 2
     assert "Could not reach the Hugging Face Hub" in unreachable.stderr and "Traceback" not in unreachable.stderr
-    unknown = _cli("plan", "--model", "someone/does-not-exist", HF_HUB_OFFLINE="0", HF_ENDPOINT=hub_server.url,
+    unknown = run_cli("plan", "--model", "someone/does-not-exist", timeout=120, HF_HUB_OFFLINE="0", HF_ENDPOINT=hub_server.url,
                    HF_HUB_DISABLE_XET="1")
     assert unknown.returncode == 2
     assert "was found neither as a local folder nor on the Hub" in unknown.stderr

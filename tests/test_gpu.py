@@ -24,6 +24,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: the fast path's CUDA graphs and kernels exist only there", allow_module_level=True)
 
+from conftest import relative_error  # noqa: E402
 from core import fastpath, generation, loading  # noqa: E402
 from core.kernels import gemv16, modules, w4a16, w8a16  # noqa: E402
 from core.spec import EMBEDDED_MODEL, GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
@@ -42,11 +43,6 @@ def model_path(tmp_path_factory):
     return str(random_checkpoint("smol", tmp_path_factory.mktemp("ckpt"), tokenizer and Path(tokenizer)))
 
 
-def _relative(out: torch.Tensor, expected: torch.Tensor) -> float:
-    assert not out.isnan().any(), "an output element was never written"
-    return ((out.double() - expected).norm() / expected.norm()).item()
-
-
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int8_kernels_match_reference(rows):
     n, k = 3072, 4096
@@ -59,7 +55,7 @@ def test_int8_kernels_match_reference(rows):
         w8a16.launch_gemv(x, [cb], [scb], [out])
     else:
         w8a16.launch_gemm(x, cb, scb, out)
-    assert _relative(out, expected) < 1e-2
+    assert relative_error(out, expected) < 1e-2
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -75,7 +71,7 @@ def test_4bit_gemv_matches_reference_on_the_gpu(quant_type, decode):
     expected = x.double() @ w4a16.dequantize(packed).double().T
     out = torch.full((1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     w4a16.launch_gemv(x, [packed], [out], decode=w4a16.prmt_tables(code) if decode else "")
-    assert _relative(out, expected) < 1e-2
+    assert relative_error(out, expected) < 1e-2
 
 
 def test_grouped_16bit_gemv_matches_reference():
@@ -84,7 +80,7 @@ def test_grouped_16bit_gemv_matches_reference():
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     outs = gemv16.gemv(x, weights, False)
     for out, expected in zip(outs, gemv16.reference(x.double(), [w.double() for w in weights], False)):
-        assert _relative(out, expected) < 1e-2
+        assert relative_error(out, expected) < 1e-2
 
 
 def _load(model_path, mode: str, dtype: str = "float32"):

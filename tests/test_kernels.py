@@ -41,15 +41,10 @@ finally:
 if not kernels.interpreted(w8a16.gemv_kernel):
     pytest.skip("core.kernels was imported compiled before this module; run it on its own", allow_module_level=True)
 
-from conftest import QUESTION, subprocess_env  # noqa: E402
+from conftest import QUESTION, relative_error, subprocess_env  # noqa: E402
 from core.spec import GenerationSpec, LoadSpec, QuantSpec  # noqa: E402
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def _relative(out: torch.Tensor, expected: torch.Tensor) -> float:
-    assert not out.isnan().any(), "an output element was never written"
-    return ((out.double() - expected).norm() / expected.norm()).item()
 
 
 def _poisoned(rows: int, n: int, dtype) -> torch.Tensor:
@@ -88,8 +83,8 @@ def test_w8a16_matches_dequantized_reference(dtype, rows):
         w8a16.launch_gemv(x, [cb], [scb], [out])
     else:
         w8a16.launch_gemm(x, cb, scb, out)
-    assert _relative(out, x.double() @ _int8_dense(cb, scb).T) < BOUND[dtype]
-    assert _relative(w8a16.reference(x, cb, scb), x.double() @ _int8_dense(cb, scb).T) < BOUND[dtype]
+    assert relative_error(out, x.double() @ _int8_dense(cb, scb).T) < BOUND[dtype]
+    assert relative_error(w8a16.reference(x, cb, scb), x.double() @ _int8_dense(cb, scb).T) < BOUND[dtype]
 
 
 @pytest.mark.parametrize("silu_pair", [False, True])
@@ -115,7 +110,7 @@ def test_grouped_gemvs_match_reference(silu_pair):
         outs = [_poisoned(1, n, torch.bfloat16) for n in (rows[:1] if silu_pair else rows)]
         launch(outs)
         for out, want in zip(outs, expected(dense)):
-            assert _relative(out, want) < 1e-2
+            assert relative_error(out, want) < 1e-2
 
 
 @pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("fp4", True)])
@@ -131,7 +126,7 @@ def test_w4a16_matches_bitsandbytes_dequantization(quant_type, nested, rows):
             w4a16.launch_gemv(x, [packed], [out])
         else:
             w4a16.launch_gemm(x, packed, out)
-        assert _relative(out, x.double() @ weight.double().T) < BOUND[dtype]
+        assert relative_error(out, x.double() @ weight.double().T) < BOUND[dtype]
 
 
 def _prmt(a: int, b: int, c: int) -> int:

@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from conftest import QUESTION, ROOT, WRITE_TOKEN, canonical_snapshot, quant_state_bytes, subprocess_env, tiny_seq2seq
+from conftest import (QUESTION, WRITE_TOKEN, canonical_snapshot, quant_state_bytes, run_cli, subprocess_env,
+                      tiny_seq2seq)
 from core import compare, families, fastpath, fit, generation, hub, loading, placement, quality
 from core.engine import Engine
 from core.errors import SpecError
@@ -323,26 +324,21 @@ def test_push_to_the_local_hub_and_reload(t5, hub_server, tmp_path):
 # ----------------------------------------------------------------------------- python -m core
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
-
-
 def test_the_command_line_plans_generates_and_saves_a_t5(t5_folder, t5_11b, bert_folder, tmp_path):
-    planned = _cli("plan", "--model", str(t5_11b), "--quant", "int8", "--device-map", "sequential", "--max-memory",
+    planned = run_cli("plan", "--model", str(t5_11b), "--quant", "int8", "--device-map", "sequential", "--max-memory",
                    "0=10GiB,1=10GiB")
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert "kind     encoder-decoder (text-to-text)" in planned.stdout and "decoder.block" in planned.stdout
     assert "cuda:1" in planned.stdout
-    made = _cli("generate", "--model", str(t5_folder), "--quant", "int8", "--greedy", "--max-new-tokens", "4", QUESTION)
+    made = run_cli("generate", "--model", str(t5_folder), "--quant", "int8", "--greedy", "--max-new-tokens", "4", QUESTION)
     assert made.returncode == 0, made.stderr[-2000:]
     metrics = json.loads(made.stderr.strip().splitlines()[-1])
     assert metrics["new_tokens"] >= 1 and made.stdout.strip()
-    saved = _cli("save", "--model", str(t5_folder), "--quant", "fp4", "--out", str(tmp_path / "fp4"))
+    saved = run_cli("save", "--model", str(t5_folder), "--quant", "fp4", "--out", str(tmp_path / "fp4"))
     assert saved.returncode == 0, saved.stderr[-2000:]
     assert json.loads((tmp_path / "fp4" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] \
         == "fp4"
-    refused = _cli("plan", "--model", str(bert_folder))
+    refused = run_cli("plan", "--model", str(bert_folder))
     assert refused.returncode == 2 and "masked language model" in refused.stderr and "Traceback" not in refused.stderr
 
 
