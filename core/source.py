@@ -143,7 +143,8 @@ def hub_errors_explained(spec: LoadSpec) -> Iterator[None]:
         if "is not a valid git identifier" in text:
             raise ModelNotFoundError(_no_revision(spec)) from error
         if "not a valid JSON" in text:
-            raise SpecError("model", _shown(spec), "its config.json is not valid JSON; fix or replace the file") from error
+            raise SpecError("model", _shown(spec),
+                            "its config.json is not valid JSON; fix or replace the file") from error
         if "couldn't connect" in text or "offline" in text.lower() or "Connection" in text:
             raise HubUnreachableError(_unreachable(spec)) from error
         if "not a valid model identifier" in text or "does not appear to have a file" in text \

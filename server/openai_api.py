@@ -128,7 +128,8 @@ def parse(ctx: AppContext, body: Any, chat: bool, defaults: GenerationSpec) -> C
         prompt, size = raw, len(raw)
     if limits.max_message_chars and size > limits.max_message_chars:
         raise ApiError(400, f"The input is {size:,} characters; the limit is {limits.max_message_chars:,} "
-                            f"(APP_MAX_MESSAGE_CHARS={limits.max_message_chars}).", param="messages" if chat else "prompt")
+                            f"(APP_MAX_MESSAGE_CHARS={limits.max_message_chars}).",
+                       param="messages" if chat else "prompt")
     if _number(body, "n", int, 1, 1, 1) != 1:
         raise ApiError(400, "n must be 1", param="n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))

@@ -132,8 +132,8 @@ def test_unreachable_hub_and_unknown_model_give_one_clear_message(hub_server):
     assert time.perf_counter() - started < 20  # imports included; huggingface_hub alone retried for 25 s
     assert unreachable.returncode == 2
     assert "Could not reach the Hugging Face Hub" in unreachable.stderr and "Traceback" not in unreachable.stderr
-    unknown = run_cli("plan", "--model", "someone/does-not-exist", timeout=120, HF_HUB_OFFLINE="0", HF_ENDPOINT=hub_server.url,
-                   HF_HUB_DISABLE_XET="1")
+    unknown = run_cli("plan", "--model", "someone/does-not-exist", timeout=120, HF_HUB_OFFLINE="0",
+                      HF_ENDPOINT=hub_server.url, HF_HUB_DISABLE_XET="1")
     assert unknown.returncode == 2
     assert "was found neither as a local folder nor on the Hub" in unknown.stderr
 

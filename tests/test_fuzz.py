@@ -48,7 +48,8 @@ CHAT_FIELDS = {
     "seed": st.one_of(st.integers(-(2**40), 2**40), st.just(-1)),
     "system_prompt": ODD_TEXT,
 }
-FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck), print_blob=True)
+FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck),
+                print_blob=True)
 
 
 def some_of(fields: dict) -> st.SearchStrategy[dict]:

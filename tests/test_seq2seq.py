@@ -330,7 +330,8 @@ def test_the_command_line_plans_generates_and_saves_a_t5(t5_folder, t5_11b, bert
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert "kind     encoder-decoder (text-to-text)" in planned.stdout and "decoder.block" in planned.stdout
     assert "cuda:1" in planned.stdout
-    made = run_cli("generate", "--model", str(t5_folder), "--quant", "int8", "--greedy", "--max-new-tokens", "4", QUESTION)
+    made = run_cli("generate", "--model", str(t5_folder), "--quant", "int8", "--greedy", "--max-new-tokens", "4",
+                   QUESTION)
     assert made.returncode == 0, made.stderr[-2000:]
     metrics = json.loads(made.stderr.strip().splitlines()[-1])
     assert metrics["new_tokens"] >= 1 and made.stdout.strip()

@@ -93,7 +93,8 @@ def build(ctx: AppContext) -> ChatTab:
         defaults_note = gr.Markdown("Sampling defaults: taken from the loaded model's generation config.")
         with gr.Row():
             max_new_tokens = gr.Slider(1, limits.max_new_tokens, value=min(128, limits.max_new_tokens), step=1,
-                                       label=f"Max new tokens (at most {limits.max_new_tokens})", elem_id="max-new-tokens")
+                                       label=f"Max new tokens (at most {limits.max_new_tokens})",
+                                       elem_id="max-new-tokens")
             greedy = gr.Checkbox(label="Greedy", value=generation.CONSERVATIVE.greedy)
             seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
         with gr.Row():
