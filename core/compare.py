@@ -10,15 +10,14 @@ included.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from core import generation
 from core.engine import Engine
 from core.errors import EngineError
-from core.spec import GenerationSpec, QuantSpec
+from core.spec import GenerationSpec, OnProgress, QuantSpec
 
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def token_agreement(reference: Sequence[int], other: Sequence[int]) -> tuple[flo
 
 
 def compare(engine: Engine, prompt: str, modes: Sequence[str] = ("none", "int8", "fp4", "nf4"),
-            max_new_tokens: int = 48, progress: Progress | None = None) -> list[VariantResult]:
+            max_new_tokens: int = 48, progress: OnProgress | None = None) -> list[VariantResult]:
     progress = progress or (lambda fraction, message: None)
     original = engine.current.spec
     spec = GenerationSpec(greedy=True, max_new_tokens=max_new_tokens)

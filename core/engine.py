@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
 
 from core import families, fastpath, loading, placement, source
 from core.errors import BudgetTooSmallError, EngineError, LoadFailedError, NoModelLoadedError, first_line
 from core.loading import LoadedModel
-from core.spec import LoadSpec, validate
+from core.spec import LoadSpec, OnProgress, validate
 
-Progress = Callable[[float, str], None]
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +35,7 @@ class Engine:
     def loaded(self) -> bool:
         return self._current is not None
 
-    def preflight(self, spec: LoadSpec, progress: Progress | None = None) -> LoadSpec:
+    def preflight(self, spec: LoadSpec, progress: OnProgress | None = None) -> LoadSpec:
         """Every check that needs no weights: spec, model config and kind, placement. Raises EngineError."""
         checked = validate(spec, loading.cuda_device_count())
         config = source.load_config(checked, progress)
@@ -47,7 +45,7 @@ class Engine:
         refuse_unrunnable(placement.plan(checked, config=config))
         return checked
 
-    def load(self, spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
+    def load(self, spec: LoadSpec, progress: OnProgress | None = None) -> LoadedModel:
         checked = self.preflight(spec, progress)
         previous = self._current.spec if self._current else None
         self.unload()

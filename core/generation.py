@@ -1,10 +1,12 @@
 """Generation with `model.generate()`: chat templates, batches, streaming with cancel, and metrics.
 
 Named steps in the gpt-fast manner: `build_inputs` (template, tokenize, move to the model's input
-device), `check_length` (the input cap), `generation_kwargs` (sampling controls), `generate` (a
-batch, blocking), `stream_to` (one prompt, new text handed to a callback as it comes, on the calling
-thread: the model worker's) and `stream` (the same as an iterator, for scripts). Metrics come from a
-streamer that timestamps the first new token: time to first token is prefill, the rest is decode.
+device), `check_length` (the input cap), `generation_kwargs` (sampling controls), and `generate`, the
+one body that composes them around `model.generate()`: a batch, or one prompt whose new text goes to a
+callback as it comes (on the calling thread: the model worker's), stopped by a cancel event. Metrics
+come from a streamer that timestamps the first new token: time to first token is prefill, the rest is
+decode. Chats served together (core.serving) share these steps and the metrics, around their own
+batched decode loop.
 
 Encoder-decoder models (core.families) go through the same steps: the message is the encoder's
 input, and generate() returns the decoder's sequence, which starts with one start token instead of
@@ -14,12 +16,11 @@ counts the decoder's steps after it, as for a causal model.
 
 from __future__ import annotations
 
-import queue
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
@@ -56,14 +57,7 @@ class GenerationResult:
     texts: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
     metrics: GenerationMetrics
-
-
-@dataclass(frozen=True)
-class StreamUpdate:
-    text: str  # everything generated so far
-    done: bool
-    metrics: GenerationMetrics | None = None
-    cancelled: bool = False
+    cancelled: bool = False  # stopped by its cancel event before it ended by itself
 
 
 class StopText:
@@ -107,10 +101,13 @@ def validate_generation(spec: GenerationSpec) -> None:
     if spec.seed is not None and not 0 <= spec.seed <= MAX_SEED:
         raise SpecError("seed", spec.seed, f"use -1 (random) or a whole number from 0 to {MAX_SEED}")
     if len(spec.stop) > 4 or any(not s or len(s) > 100 for s in spec.stop):
-        raise SpecError("stop", list(spec.stop), "give up to 4 stop strings of 1 to 100 characters")
+        raise SpecError("stop", list(spec.stop)[:4], "give up to 4 stop strings of 1 to 100 characters")
+    if spec.logprobs is not None and not 0 <= spec.logprobs <= MAX_TOP_LOGPROBS:
+        raise SpecError("top_logprobs", spec.logprobs, f"use a whole number from 0 to {MAX_TOP_LOGPROBS}")
 
 
 MAX_SEED = 2**32 - 1  # what numpy's generator, seeded by transformers' set_seed, accepts
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 def context_window(loaded: LoadedModel) -> int | None:
@@ -196,7 +193,7 @@ def generation_kwargs(loaded: LoadedModel, spec: GenerationSpec) -> dict:
     return kwargs
 
 
-class _FirstTokenClock(BaseStreamer):
+class FirstTokenClock(BaseStreamer):
     """Records when the first new token arrives (generate() first puts the prompt, then each step)."""
 
     def __init__(self) -> None:
@@ -213,10 +210,10 @@ class _FirstTokenClock(BaseStreamer):
         pass
 
 
-class _CallbackStreamer(TextStreamer):
+class TextCallbackStreamer(TextStreamer):
     """Decodes new tokens as they come (whole words and characters only) and hands the text to `on_text`."""
 
-    def __init__(self, tokenizer, clock: _FirstTokenClock, on_text: Callable[[str], None]) -> None:
+    def __init__(self, tokenizer, clock: FirstTokenClock, on_text: Callable[[str], None]) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.clock = clock
         self.on_text = on_text
@@ -238,68 +235,81 @@ class _CancelCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _reset_peak(loaded: LoadedModel) -> None:
+def _reset_peak() -> None:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
 
 
-def _peak(loaded: LoadedModel) -> tuple[int, str]:
-    if loaded.input_device.type == "cuda":
+def peak_memory(device) -> tuple[int, str]:
+    """The peak since the last reset: GPU memory allocated (all GPUs) when `device` is a GPU, else the process RSS."""
+    if device.type == "cuda":
         return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())), "GPU allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process RSS"
 
 
-def _metrics(loaded: LoadedModel, clock: _FirstTokenClock, ended: float, prompt_tokens: int,
-             new_tokens: int, batch: int) -> GenerationMetrics:
-    first = clock.first_token_at or ended
+def metrics_of(device, started: float, first_token_at: float | None, ended: float, prompt_tokens: int,
+               new_tokens: int, batch: int) -> GenerationMetrics:
+    first = first_token_at or ended
     decode_s = ended - first
-    peak, kind = _peak(loaded)
+    peak, kind = peak_memory(device)
     rate = batch * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else 0.0
     return GenerationMetrics(prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_size=batch,
-                             ttft_s=first - clock.started, decode_tokens_per_s=rate, total_s=ended - clock.started,
+                             ttft_s=first - started, decode_tokens_per_s=rate, total_s=ended - started,
                              peak_memory_bytes=peak, peak_memory_kind=kind)
 
 
-def _seed(spec: GenerationSpec) -> None:
+def seed_everything(spec: GenerationSpec) -> None:
     if spec.seed is not None:
         from transformers import set_seed
 
         set_seed(spec.seed)
 
 
-def _oom(error: Exception) -> OutOfMemoryError:
+def out_of_memory() -> OutOfMemoryError:
     return OutOfMemoryError("Out of memory while generating. Lower max_new_tokens or the batch size, turn the fast "
                             "path off (its static cache reserves the full length), or quantize to 4-bit.")
 
 
 def generate(loaded: LoadedModel, prompts: Sequence[Prompt], spec: GenerationSpec = GenerationSpec(),
-             min_new_tokens: int | None = None) -> GenerationResult:
-    """Generates for a batch of prompts; returns texts, token ids and metrics."""
+             min_new_tokens: int | None = None, on_text: Callable[[str], None] | None = None,
+             cancel: threading.Event | None = None, max_input_tokens: int | None = None) -> GenerationResult:
+    """Generates for a batch of prompts with `model.generate()`; returns texts, token ids and metrics.
+
+    `on_text` (one prompt only) receives each new piece of text as it is decoded, on this thread; setting `cancel`
+    stops generation after the current token. Every prompt is checked against the input cap
+    (`max_input_tokens`, and what the context window leaves)."""
     validate_generation(spec)
     if not prompts:
         raise SpecError("prompts", prompts, "give at least one prompt")
+    if on_text is not None and len(prompts) != 1:
+        raise SpecError("prompts", len(prompts), "stream one prompt at a time")
     inputs = build_inputs(loaded, prompts, spec)
+    check_length(loaded, inputs["input_ids"], spec, max_input_tokens)
     kwargs = generation_kwargs(loaded, spec)
     kwargs.update(fastpath.generate_kwargs(loaded, inputs["input_ids"], spec.max_new_tokens))
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
-    _seed(spec)
-    _reset_peak(loaded)
-    clock = _FirstTokenClock()
+    cancel = cancel or threading.Event()
+    clock = FirstTokenClock()
+    streamer = clock if on_text is None else TextCallbackStreamer(loaded.tokenizer, clock, on_text)
+    seed_everything(spec)
+    _reset_peak()
     try:
         with torch.inference_mode():
-            output = loaded.model.generate(**inputs, **kwargs, streamer=clock)
+            output = loaded.model.generate(**inputs, **kwargs, streamer=streamer,
+                                           stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]))
     except torch.OutOfMemoryError as error:
-        raise _oom(error) from error
+        raise out_of_memory() from error
     ended = time.perf_counter()
     prompt_len = inputs["input_ids"].shape[1]
     new = output[:, loaded.family.prompt_positions(prompt_len):]
     ids = tuple(tuple(_strip_padding(row.tolist(), loaded.tokenizer.pad_token_id)) for row in new)
     texts = tuple(loaded.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids)
-    metrics = _metrics(loaded, clock, ended, prompt_len, new.shape[1], new.shape[0])
-    loaded.facts["last_metrics"] = metrics
-    return GenerationResult(texts=texts, token_ids=ids, metrics=metrics)
+    metrics = metrics_of(loaded.input_device, clock.started, clock.first_token_at, ended, prompt_len, new.shape[1],
+                         new.shape[0])
+    loaded.facts = replace(loaded.facts, last_metrics=metrics)
+    return GenerationResult(texts=texts, token_ids=ids, metrics=metrics, cancelled=cancel.is_set())
 
 
 def _strip_padding(row: list[int], pad: int | None) -> list[int]:
@@ -308,64 +318,6 @@ def _strip_padding(row: list[int], pad: int | None) -> list[int]:
     return row
 
 
-def stream_to(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec, on_text: Callable[[str], None],
-              cancel: threading.Event | None = None, max_input_tokens: int | None = None) -> StreamUpdate:
-    """Generates one answer on this thread, handing each new piece of text to `on_text`; setting `cancel` stops it
-    after the current token. Returns the whole answer with its metrics."""
-    validate_generation(spec)
-    cancel = cancel or threading.Event()
-    inputs = build_inputs(loaded, [prompt], spec)
-    check_length(loaded, inputs["input_ids"], spec, max_input_tokens)
-    clock = _FirstTokenClock()
-    pieces: list[str] = []
-
-    def collect(text: str) -> None:
-        pieces.append(text)
-        on_text(text)
-
-    kwargs = generation_kwargs(loaded, spec)
-    kwargs.update(fastpath.generate_kwargs(loaded, inputs["input_ids"], spec.max_new_tokens))
-    _seed(spec)
-    _reset_peak(loaded)
-    try:
-        with torch.inference_mode():
-            output = loaded.model.generate(**inputs, **kwargs, streamer=_CallbackStreamer(loaded.tokenizer, clock,
-                                                                                          collect),
-                                           stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]))
-    except torch.OutOfMemoryError as error:
-        raise _oom(error) from error
-    ended = time.perf_counter()
-    prompt_len = inputs["input_ids"].shape[1]
-    new_tokens = output.shape[1] - loaded.family.prompt_positions(prompt_len)
-    metrics = _metrics(loaded, clock, ended, prompt_len, new_tokens, 1)
-    loaded.facts["last_metrics"] = metrics
-    return StreamUpdate(text="".join(pieces).strip(), done=True, metrics=metrics, cancelled=cancel.is_set())
-
-
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     stop = StopText(stops)
     return stop.feed(text) + stop.finish()
-
-
-def stream(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec = GenerationSpec(),
-           cancel: threading.Event | None = None) -> Iterator[StreamUpdate]:
-    """`stream_to` as an iterator (generation runs on a helper thread): growing text, then the final update."""
-    pieces: queue.Queue = queue.Queue()
-    outcome: list = []
-
-    def work() -> None:
-        try:
-            outcome.append(stream_to(loaded, prompt, spec, pieces.put, cancel))
-        except BaseException as error:  # re-raised in the caller's thread below
-            outcome.append(error)
-        finally:
-            pieces.put(None)
-
-    threading.Thread(target=work, name="generate", daemon=True).start()
-    text = ""
-    for piece in iter(pieces.get, None):
-        text += piece
-        yield StreamUpdate(text=text, done=False)
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    yield outcome[0]

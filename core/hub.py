@@ -236,8 +236,8 @@ def facts_from(loaded: LoadedModel) -> CardFacts:
     from core import generation
     from core.spec import GenerationSpec
 
-    measured = loaded.facts.get("last_metrics")  # read before the sample below replaces it
-    quality = loaded.facts.get("quality")
+    measured = loaded.facts.last_metrics  # read before the sample below replaces it
+    quality = loaded.facts.quality
     sample = generation.generate(loaded, [SAMPLE_PROMPT], GenerationSpec(greedy=True, max_new_tokens=48))
     metrics = measured or sample.metrics
     return CardFacts(decode_tokens_per_s=metrics.decode_tokens_per_s, ttft_s=metrics.ttft_s,

@@ -10,18 +10,21 @@ implementation in use.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import bnb_repack, families, source
 from core.errors import EngineError, OutOfMemoryError, SpecError
 from core.placement import explain_placement_error, normalize_device
 from core.quantization import bitsandbytes_config, describe, kept_modules, name_matcher, torch_dtype
-from core.spec import Device, LoadSpec, validate
+from core.spec import Device, LoadSpec, OnProgress, validate
 
-Progress = Callable[[float, str], None]
+if TYPE_CHECKING:
+    from core.generation import GenerationMetrics
+    from core.quality import QualityReport
+
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,14 @@ class LoadReport:
         return {m: d for m, d in self.device_map.items() if d in ("cpu", "disk")}
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What was measured on the loaded model, for its card: the last generation's metrics and the quality check."""
+
+    last_metrics: GenerationMetrics | None = None
+    quality: QualityReport | None = None
+
+
 @dataclass
 class LoadedModel:
     """A model in memory with its tokenizer, the spec it came from and its load report.
@@ -61,7 +72,7 @@ class LoadedModel:
     spec: LoadSpec
     report: LoadReport
     canonical: dict[str, Any] = field(default_factory=dict)
-    facts: dict[str, Any] = field(default_factory=dict)  # measured while loaded: last generation, quality
+    facts: ModelFacts = field(default_factory=ModelFacts)  # replaced, never mutated, as measurements come
     bnb_originals: dict[str, Any] = field(default_factory=dict)  # core.bnb_repack.capture, before any forward
     tokenizer_backend: dict[str, Any] | None = None  # the fast tokenizer's padding and truncation as loaded
 
@@ -81,7 +92,7 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
+def load(spec: LoadSpec, progress: OnProgress | None = None) -> LoadedModel:
     """Validates, resolves and loads. Raises EngineError subclasses for every problem a user can fix."""
     progress = progress or (lambda fraction, message: None)
     checked = validate(spec, cuda_device_count())
@@ -112,7 +123,7 @@ def load(spec: LoadSpec, progress: Progress | None = None) -> LoadedModel:
 
 
 @contextmanager
-def _weight_progress(progress: Progress, start: float, end: float, label: str) -> Iterator[None]:
+def _weight_progress(progress: OnProgress, start: float, end: float, label: str) -> Iterator[None]:
     """Routes transformers' "Loading weights" bar (one step per tensor) into `progress`, through its tqdm hook."""
     from transformers.utils import logging as hf_logging
 

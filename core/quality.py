@@ -17,18 +17,16 @@ the figures are given, with the method beside them, rather than refused.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from core.engine import Engine
 from core.loading import LoadedModel
-from core.spec import QuantSpec
+from core.spec import OnProgress, QuantSpec
 
 SAMPLE = Path(__file__).with_name("data") / "sample.txt"
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ def method(loaded: LoadedModel) -> str:
 _references: dict[tuple, Scores] = {}
 
 
-def reference(engine: Engine, progress: Progress | None = None) -> Scores:
+def reference(engine: Engine, progress: OnProgress | None = None) -> Scores:
     """Full-precision scores for the loaded model's weights; loads that variant in turn if needed."""
     progress = progress or (lambda fraction, message: None)
     current = engine.current.spec
@@ -101,7 +99,7 @@ def reference(engine: Engine, progress: Progress | None = None) -> Scores:
     return _references[key]
 
 
-def check(engine: Engine, progress: Progress | None = None) -> QualityReport:
+def check(engine: Engine, progress: OnProgress | None = None) -> QualityReport:
     ref = reference(engine, progress)
     loaded = engine.current
     mine = score(loaded)
@@ -109,5 +107,5 @@ def check(engine: Engine, progress: Progress | None = None) -> QualityReport:
     report = QualityReport(quantization=loaded.spec.quant.mode, perplexity=mine.perplexity,
                            reference_perplexity=ref.perplexity, agreement=same / max(1, len(ref.predictions)),
                            tokens=mine.tokens, method=method(loaded))
-    loaded.facts["quality"] = report
+    loaded.facts = replace(loaded.facts, quality=report)
     return report

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlparse
 
@@ -23,9 +23,8 @@ from huggingface_hub import errors as hub_errors
 
 from core import default_model
 from core.errors import HubUnreachableError, ModelNotFoundError, SpecError, first_line
-from core.spec import LoadSpec, model_name
+from core.spec import LoadSpec, OnProgress, model_name
 
-Progress = Callable[[float, str], None]
 
 
 PROBE_SECONDS = 3.0
@@ -57,7 +56,7 @@ def hub_reachable() -> bool:
     return ok
 
 
-def resolve(spec: LoadSpec, progress: Progress | None = None) -> str:
+def resolve(spec: LoadSpec, progress: OnProgress | None = None) -> str:
     """The local folder that from_pretrained should read for this spec (downloading a Hub model first)."""
     if spec.is_embedded:
         return str(default_model.ensure_checkpoint(progress))
@@ -66,7 +65,7 @@ def resolve(spec: LoadSpec, progress: Progress | None = None) -> str:
     return _download(spec, progress or (lambda fraction, message: None))
 
 
-def _download(spec: LoadSpec, progress: Progress) -> str:
+def _download(spec: LoadSpec, progress: OnProgress) -> str:
     from huggingface_hub import HfApi, snapshot_download
 
     with hub_errors_explained(spec):
@@ -96,7 +95,7 @@ def files_to_download(files: list[str], trust_remote_code: bool) -> list[str]:
     return sorted(kept)
 
 
-def progress_bar(progress: Progress, start: float, end: float, label: str):
+def progress_bar(progress: OnProgress, start: float, end: float, label: str):
     """A tqdm class that reports to `progress`: a bar of steps (files, tensors) moves the fraction from `start` to
     `end`; a bar of bytes (one file downloading) only updates the text, so the fraction never goes back."""
     from tqdm.auto import tqdm
@@ -175,7 +174,7 @@ def hub_token(spec: LoadSpec) -> bool | None:
     return None if spec.use_server_token else False
 
 
-def load_config(spec: LoadSpec, progress: Progress | None = None, path: str | None = None):
+def load_config(spec: LoadSpec, progress: OnProgress | None = None, path: str | None = None):
     """The model's `PretrainedConfig`, read without loading weights. Imports no code unless trust_remote_code.
 
     `path`: the folder `resolve` returned for this spec, read instead of reaching the Hub again."""

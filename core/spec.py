@@ -8,7 +8,7 @@ and the fix, before anything touches the network.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +32,7 @@ _REVISION = re.compile(r"^[\w.\-/]{1,255}$")
 MAX_MODEL_CHARS = 1024  # longer than any Hub id (96 + 1 + 96) or sensible path
 
 Device = int | str  # a GPU index, "cpu" or "disk"
+OnProgress = Callable[[float, str], None]  # how long work reports: a fraction done and what it is doing
 MemoryBudget = Mapping[Device, int]
 
 
@@ -101,6 +102,8 @@ class GenerationSpec:
     use_chat_template: bool = True
     system_prompt: str | None = None
     stop: tuple[str, ...] = ()  # stop when the answer produces one of these; the answer ends before it
+    logprobs: int | None = None  # None: none; 0: each chosen token's log-probability; N: also the N most likely
+    constraint: object | None = None  # a core.serving.requests.Constraint: what the answer may be (a JSON schema)
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -173,22 +173,19 @@ def test_failed_load_keeps_previous_model_usable(checkpoint, monkeypatch):
     assert "Paris" in generation.generate(engine.current, [QUESTION], GREEDY).texts[0]
 
 
-def test_streaming_yields_growing_text_and_can_be_cancelled(loaded_models):
+def test_streaming_hands_over_growing_text_and_can_be_cancelled(loaded_models):
     import threading
 
     loaded = loaded_models("none")
-    updates = list(generation.stream(loaded, QUESTION, GREEDY))
-    assert len(updates) > 3 and updates[-1].done and "Paris" in updates[-1].text
-    assert updates[-1].metrics.ttft_s > 0
-    assert all(len(a.text) <= len(b.text) for a, b in zip(updates, updates[1:]))
+    pieces: list[str] = []
+    result = generation.generate(loaded, [QUESTION], GREEDY, on_text=pieces.append)
+    assert len(pieces) > 3 and "".join(pieces).strip() == result.texts[0] and "Paris" in result.texts[0]
+    assert result.metrics.ttft_s > 0 and not result.cancelled
     cancel = threading.Event()
-    seen = []
-    for update in generation.stream(loaded, "Write a long poem about the sea.", GenerationSpec(greedy=True,
-                                                                                               max_new_tokens=200),
-                                    cancel=cancel):
-        seen.append(update)
-        cancel.set()
-    assert seen[-1].cancelled and seen[-1].metrics.new_tokens < 50
+    stopped = generation.generate(loaded, ["Write a long poem about the sea."],
+                                  GenerationSpec(greedy=True, max_new_tokens=200), on_text=lambda _: cancel.set(),
+                                  cancel=cancel)
+    assert stopped.cancelled and stopped.metrics.new_tokens < 50
 
 
 def test_batch_of_prompts_pads_left_and_matches_single(loaded_models):

@@ -107,8 +107,9 @@ def test_graphed_decode_matches_plain_and_reverses_exactly(model_path, mode):
     assert bool(on.kernels) == (mode != "none")  # fp32 weights: no 16-bit layer for the kernels
     fast, fast_batch = _greedy(loaded)
     assert fast == plain and fast_batch == plain_batch
-    streamed = list(generation.stream(loaded, PROMPTS[0], GREEDY))
-    assert streamed[-1].done and streamed[-1].text
+    pieces: list[str] = []
+    streamed = generation.generate(loaded, [PROMPTS[0]], GREEDY, on_text=pieces.append)
+    assert streamed.texts[0] and "".join(pieces).strip() == streamed.texts[0]
     off = fastpath.reverse(loaded)
     assert not off.cuda_graph and not off.kernels and "get_compiled_call" not in loaded.model.__dict__
     assert not [m for m in loaded.model.modules() if "forward" in m.__dict__]
