@@ -31,7 +31,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from core import generation
 from core.errors import (EngineError, InputTooLongError, ModelNotFoundError, NoModelLoadedError, QueueFullError,
                          SpecError)
-from core.spec import GenerationSpec, model_name
+from core.spec import GenerationSpec
+from core.serving.requests import ChatRequest, ChatResult, Finish
 from core.worker import Chunk, Job
 from server.access import Action
 from server.context import AppContext
@@ -76,10 +77,6 @@ class Completion:
     spec: GenerationSpec
     stream: bool
     include_usage: bool
-
-
-def model_id(engine) -> str:
-    return model_name(engine.current.report.model)  # the same name the page shows
 
 
 def _number(body: dict, name: str, kind: type, low: float, high: float, default: Any = None) -> Any:
@@ -166,46 +163,41 @@ def check_key(ctx: AppContext, request: Request) -> None:
                        code="invalid_api_key")
 
 
-def _job(ctx: AppContext, completion: Completion) -> Job:
-    limit = ctx.settings.limits.max_input_tokens
-
-    def work(engine, job):
-        loaded = engine.current
-        served = model_id(engine)
-        if completion.model != served:  # checked here: a load queued before this job may have changed the model
-            raise ModelNotFoundError(f"The model {completion.model!r} is not loaded here; the loaded model is "
-                                     f"{served!r}.")
-        update = generation.stream_to(loaded, completion.prompt, completion.spec, job.emit, job.cancel, limit)
-        return update, served
-
-    return ctx.worker.submit(work, "api", session=f"api-{uuid.uuid4().hex}")
+def _job(ctx: AppContext, completion: Completion, visitor: str | None) -> Job:
+    """The completion as a chat request on the model worker: it joins the running batch with the UI's chats."""
+    request = ChatRequest(completion.prompt, completion.spec, visitor=visitor,
+                          max_input_tokens=ctx.settings.limits.max_input_tokens, model=completion.model)
+    return ctx.worker.submit_chat(request, "api", session=f"api-{uuid.uuid4().hex}")
 
 
-async def _events(job: Job) -> AsyncIterator[object]:
-    """The job's events without blocking the event loop; closing this iterator (a disconnect) cancels the job."""
+async def _events(job: Job, request: Request) -> AsyncIterator[object]:
+    """The job's events without blocking the event loop. A client that has gone (checked at every poll, streamed
+    or not) or a closed iterator (a broken stream) cancels the job at once, so nobody waits for it."""
     events = job.follow(poll=0.25)
     try:
         while (event := await anyio.to_thread.run_sync(next, events, _END)) is not _END:
+            if await request.is_disconnected():
+                break
             yield event
     finally:
         job.cancel.set()
         events.close()
 
 
-def _usage(update) -> dict:
-    metrics = update.metrics
+def _usage(result: ChatResult) -> dict:
+    metrics = result.metrics
     return {"prompt_tokens": metrics.prompt_tokens, "completion_tokens": metrics.new_tokens,
             "total_tokens": metrics.prompt_tokens + metrics.new_tokens}
 
 
-def _metrics(update) -> dict:
-    metrics = update.metrics
+def _metrics(result: ChatResult) -> dict:
+    metrics = result.metrics
     return {"ttft_s": round(metrics.ttft_s, 4), "decode_tokens_per_s": round(metrics.decode_tokens_per_s, 2),
-            "total_s": round(metrics.total_s, 4)}
+            "total_s": round(metrics.total_s, 4), "answered_together": result.together}
 
 
-def _finish_reason(update, spec: GenerationSpec, hit_stop: bool) -> str:
-    return "length" if update.metrics.new_tokens >= spec.max_new_tokens and not hit_stop else "stop"
+def _finish_reason(result: ChatResult) -> str:
+    return "length" if result.finish is Finish.LENGTH else "stop"
 
 
 def routes(ctx: AppContext) -> list:
@@ -223,30 +215,29 @@ def routes(ctx: AppContext) -> list:
     @router.get("/models")
     async def models(request: Request):
         async def handle(_):
-            engine = ctx.worker.engine
-            if not engine.loaded:
+            snap = ctx.worker.snapshot
+            if snap is None:
                 return {"object": "list", "data": []}
-            loaded = engine.current
             return {"object": "list", "data": [{
-                "id": model_id(engine), "object": "model", "created": int(time.time()), "owned_by": "quantized-llm-app",
-                "quantization": loaded.spec.quant.mode, "dtype": loaded.spec.dtype,
-                "max_model_len": generation.context_window(loaded)}]}
+                "id": snap.model, "object": "model", "created": int(time.time()), "owned_by": "quantized-llm-app",
+                "quantization": snap.spec.quant.mode, "dtype": snap.spec.dtype,
+                "max_model_len": snap.context_window}]}
         return await guarded(request, handle)
 
     async def complete(request: Request, chat: bool):
-        async def handle(_):
+        async def handle(caller):
             try:
                 body = json.loads(await request.body() or b"null")
             except ValueError:
                 raise ApiError(400, "The body is not valid JSON.") from None
-            engine = ctx.worker.engine
-            if not engine.loaded:
+            snap = ctx.worker.snapshot
+            if snap is None:
                 raise NoModelLoadedError("No model is loaded yet: the app's owner loads one in the Model tab.")
-            completion = parse(ctx, body, chat, generation.defaults_from(engine.current)[0])
-            job = _job(ctx, completion)
+            completion = parse(ctx, body, chat, snap.defaults)
+            job = _job(ctx, completion, None if caller.is_owner else caller.key)
             if completion.stream:
-                return StreamingResponse(_stream(job, completion, chat), media_type="text/event-stream")
-            return await _whole(job, completion, chat)
+                return StreamingResponse(_stream(job, completion, chat, request), media_type="text/event-stream")
+            return await _whole(job, completion, chat, request)
         return await guarded(request, handle)
 
     @router.post("/chat/completions")
@@ -265,23 +256,23 @@ def _ids(chat: bool) -> tuple[str, str, int]:
         int(time.time())
 
 
-async def _whole(job: Job, completion: Completion, chat: bool) -> dict:
-    pieces = [event.value async for event in _events(job) if isinstance(event, Chunk)]
-    update, served = job.result
-    raw = "".join(pieces)
-    text = generation.cut_at_stop(raw, completion.spec.stop)  # as streamed: no trimming
+async def _whole(job: Job, completion: Completion, chat: bool, request: Request) -> dict:
+    async for _ in _events(job, request):
+        pass
+    result = job.result
+    if result is None or result.cancelled:
+        raise ApiError(499, "The request was cancelled.", code="cancelled")
     ident, kind, created = _ids(chat)
-    reason = _finish_reason(update, completion.spec, len(text) < len(raw))
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason} if chat else
-              {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
-    return {"id": ident, "object": kind, "created": created, "model": served, "choices": [choice],
-            "usage": _usage(update), "metrics": _metrics(update)}
+    reason = _finish_reason(result)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": reason} if chat
+              else {"index": 0, "text": result.text, "finish_reason": reason, "logprobs": None})
+    return {"id": ident, "object": kind, "created": created, "model": result.model, "choices": [choice],
+            "usage": _usage(result), "metrics": _metrics(result)}
 
 
-async def _stream(job: Job, completion: Completion, chat: bool) -> AsyncIterator[str]:
+async def _stream(job: Job, completion: Completion, chat: bool, request: Request) -> AsyncIterator[str]:
     ident, kind, created = _ids(chat)
     kind += ".chunk" if chat else ""
-    stop = generation.StopText(completion.spec.stop)
     served = completion.model
 
     def envelope(choices: list, **extra) -> str:
@@ -299,16 +290,17 @@ async def _stream(job: Job, completion: Completion, chat: bool) -> AsyncIterator
     try:
         if chat:
             yield envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        async for event in _events(job):
-            if isinstance(event, Chunk) and (text := stop.feed(event.value)):
-                yield chunk(text)
-        update, served = job.result
-        if rest := stop.finish():
-            yield chunk(rest)
-        yield chunk(None, _finish_reason(update, completion.spec, stop.stopped), usage=_usage(update),
-                    metrics=_metrics(update))
-        if completion.include_usage:
-            yield envelope([], usage=_usage(update))
+        async for event in _events(job, request):
+            if isinstance(event, Chunk) and event.value:
+                yield chunk(event.value)
+        result = job.result
+        if result is None:
+            return
+        if completion.include_usage:  # OpenAI sends usage once, in a last chunk with no choices
+            yield chunk(None, _finish_reason(result), metrics=_metrics(result))
+            yield envelope([], usage=_usage(result))
+        else:
+            yield chunk(None, _finish_reason(result), usage=_usage(result), metrics=_metrics(result))
     except ApiError as error:
         yield "data: " + json.dumps(error.body()) + "\n\n"
     except EngineError as error:

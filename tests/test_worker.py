@@ -8,9 +8,9 @@ import time
 import pytest
 
 from conftest import QUESTION
-from core import generation
 from core.engine import Engine
 from core.errors import QueueFullError
+from core.serving.requests import ChatRequest
 from core.spec import GenerationSpec, LoadSpec
 from core.worker import Chunk, Queued, Worker
 
@@ -25,8 +25,8 @@ def worker(checkpoint) -> Worker:
     return worker
 
 
-def _chat(spec: GenerationSpec, prompt: str = QUESTION):
-    return lambda engine, job: generation.stream_to(engine.current, prompt, spec, job.emit, job.cancel)
+def _chat(worker: Worker, spec: GenerationSpec, prompt: str = QUESTION, session: str | None = None):
+    return worker.submit_chat(ChatRequest(prompt, spec), "chat", session)
 
 
 def test_jobs_run_in_order_and_waiting_ones_see_their_place(worker):
@@ -44,7 +44,7 @@ def test_jobs_run_in_order_and_waiting_ones_see_their_place(worker):
 
 
 def test_stop_mid_answer_frees_the_worker_for_the_next_job_at_once(worker):
-    job = worker.submit(_chat(LONG, "Write a long story about a lighthouse keeper."), "chat", session="a")
+    job = _chat(worker, LONG, "Write a long story about a lighthouse keeper.", session="a")
     text, stopped = "", None
     for event in job.follow(poll=0.05):
         if isinstance(event, Chunk):
@@ -54,13 +54,13 @@ def test_stop_mid_answer_frees_the_worker_for_the_next_job_at_once(worker):
     assert stopped == 1
     assert job.result.cancelled and job.result.metrics.new_tokens < 60 and job.result.text
     started = time.perf_counter()
-    answer = worker.run(_chat(SHORT), "chat", session="b")
+    answer = _chat(worker, SHORT, session="b").wait()
     assert "Paris" in answer.text and not answer.cancelled
     assert time.perf_counter() - started < 15
 
 
 def test_a_follower_closed_from_another_thread_cancels_its_generation(worker):
-    job = worker.submit(_chat(LONG, "Write a long story about a lighthouse keeper."), "chat", session="c")
+    job = _chat(worker, LONG, "Write a long story about a lighthouse keeper.", session="c")
     follower = job.follow(poll=0.05)
 
     def follow_then_close() -> None:
@@ -77,7 +77,7 @@ def test_a_follower_closed_from_another_thread_cancels_its_generation(worker):
     follower.close()  # from this thread, not the reader's: nothing here is owned by a thread
     job.wait()
     assert job.result.cancelled and job.result.metrics.new_tokens < 60
-    assert "Paris" in worker.run(_chat(SHORT), "chat").text
+    assert "Paris" in _chat(worker, SHORT).wait().text
 
 
 def test_an_exception_inside_a_job_reaches_its_caller_and_the_worker_goes_on(worker):
@@ -86,7 +86,7 @@ def test_an_exception_inside_a_job_reaches_its_caller_and_the_worker_goes_on(wor
 
     with pytest.raises(RuntimeError, match="simulated failure"):
         worker.run(broken, "broken")
-    assert "Paris" in worker.run(_chat(SHORT), "chat").text
+    assert "Paris" in _chat(worker, SHORT).wait().text
 
 
 def test_a_cancelled_queued_job_never_runs_and_a_full_queue_refuses(worker):

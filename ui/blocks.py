@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gradio as gr
 
-from core import fastpath, generation
 from server.access import Action, Caller, may, visitor_note
 from ui import chat_tab, compare_tab, model_tab, render, save_tab
 from server.context import AppContext
@@ -61,14 +60,11 @@ def build(ctx: AppContext) -> gr.Blocks:
                     controls.append(gr.update(interactive=False, label=f"Fast path ({OWNER_ONLY})"))
                 else:
                     controls.append(gr.update(interactive=False, value=f"{label} ({OWNER_ONLY})"))
-            engine = ctx.worker.engine
-            if not engine.loaded:
+            snap = ctx.worker.snapshot
+            if snap is None:
                 return role_banner(ctx, caller), "No model loaded yet.", gr.skip(), *[gr.skip()] * 6, *controls
-            loaded = engine.current
-            state = fastpath.state(loaded)
-            defaults, source = generation.defaults_from(loaded)
-            return (role_banner(ctx, caller), render.load(loaded.report, state), state.enabled,
-                    *model_tab.sampling_updates(defaults, source), *controls)
+            return (role_banner(ctx, caller), render.load(snap.report, snap.fast_path), snap.fast_path.enabled,
+                    *model_tab.sampling_updates(snap.defaults, snap.defaults_note), *controls)
 
         page_outputs = [banner, model.load_out, chat.fast_toggle, *chat.sampling, chat.defaults_note,
                         *[component for component, _, _ in gated]]

@@ -17,6 +17,7 @@ import gradio as gr
 from core import fastpath, generation
 from core.errors import SpecError
 from core.spec import GenerationSpec
+from core.serving.requests import ChatRequest
 from core.worker import Chunk, Queued
 from server.access import Action
 from ui import jobs, render
@@ -121,14 +122,10 @@ def build(ctx: AppContext) -> ChatTab:
                                system_prompt)
         conversation = conversation_of(history) + [{"role": "user", "content": text}]
 
-        def work(engine, job):
-            loaded = engine.current
-            update = generation.stream_to(loaded, conversation, spec, job.emit, job.cancel, limits.max_input_tokens)
-            by = render.answered_by(loaded.report.model, loaded.spec.quant.mode if loaded.spec.quant.enabled
-                                    else loaded.spec.dtype)
-            return update, by, fastpath.state(loaded)
-
-        job = ctx.worker.submit(work, "chat", session_of(request))  # first: an update below means it is queued
+        caller = ctx.caller(request, profile)
+        job = ctx.worker.submit_chat(ChatRequest(conversation, spec, visitor=None if caller.is_owner else caller.key,
+                                                 max_input_tokens=limits.max_input_tokens),
+                                     "chat", session_of(request))  # first: an update below means it is queued
         shown = conversation + [{"role": "assistant", "content": "*waiting for the model…*"}]
         answer = ""
         try:
@@ -146,9 +143,13 @@ def build(ctx: AppContext) -> ChatTab:
             raise
         finally:
             job.cancel.set()  # a closed handler (a closed tab, a dropped client) stops the model too
-        update, by, fast = job.result
-        final = conversation + [{"role": "assistant", "content": with_footer(update.text, by, update.cancelled)}]
-        yield final, render.metrics(update.metrics, fast, by, update.cancelled)
+        result = job.result
+        if result is None:  # stopped before it joined the batch
+            yield conversation + [{"role": "assistant", "content": "*stopped before the model started*"}], "Stopped."
+            return
+        by = render.answered_by(result.model, result.precision)
+        final = conversation + [{"role": "assistant", "content": with_footer(result.text, by, result.cancelled)}]
+        yield final, render.metrics(result, by)
 
     def stop_chat(request: gr.Request = None) -> None:
         """Stops this session's chat after its current token (and drops it if it is still waiting)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from core import fastpath, fit, generation, loading, placement
+from core import fit, loading, placement
 from core.errors import SpecError
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map, parse_max_memory
 from server.access import Action, Caller, checked_model
@@ -160,13 +160,10 @@ def build(ctx: AppContext) -> ModelTab:
                          int8_threshold, skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path,
                          fast_path_compile)
 
-        def work(engine, job):
-            loaded = engine.load(spec, progress=job.progress)
-            state = fastpath.state(loaded)
-            return render.load(loaded.report, state), state.enabled, generation.defaults_from(loaded)
-
-        report, fast, (defaults, source) = jobs.run(ctx, work, "load", request, progress)
-        return report, fast, *sampling_updates(defaults, source)
+        jobs.run(ctx, lambda engine, job: engine.load(spec, progress=job.progress) and None, "load", request, progress)
+        snap = ctx.worker.snapshot  # published before the load's job ended
+        return (render.load(snap.report, snap.fast_path), snap.fast_path.enabled,
+                *sampling_updates(snap.defaults, snap.defaults_note))
 
     tab.load_handler = load_model
 

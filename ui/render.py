@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from core.compare import VariantResult
 from core.fastpath import FastPathState
 from core.fit import FitReport
-from core.generation import GenerationMetrics
 from core.hub import PushResult, SaveResult
 from core.loading import LoadReport
 from core.placement import PlacementPlan, device_label
 from core.quality import QualityReport
+from core.serving.requests import ChatResult
 from core.spec import model_name
 
 _MARKDOWN = re.compile(r"([\\`*_\[\]()#|~!])")  # what can open code, emphasis, links, images, headings, cells
@@ -88,9 +88,13 @@ def answered_by(model: str, quantization: str) -> str:
     return f"{model_name(model)} · {quantization}"
 
 
-def metrics(result: GenerationMetrics, fast: FastPathState, by: str, stopped: bool) -> str:
-    return (f"{'Stopped · ' if stopped else ''}{result.summary()} · fast path {'on' if fast.enabled else 'off'} "
-            f"({fast.attn_implementation}) · answered by {esc(by)}")
+def metrics(result: ChatResult, by: str) -> str:
+    """The status line of an answer: its speed, how many visitors were answered together, and its author."""
+    fast = result.fast_path
+    together = f" · answered together with {result.together - 1} other{'s' if result.together > 2 else ''}" \
+        if result.together > 1 else ""
+    return (f"{'Stopped · ' if result.cancelled else ''}{result.metrics.summary()}{together} · fast path "
+            f"{'on' if fast.enabled else 'off'} ({fast.attn_implementation}) · answered by {esc(by)}")
 
 
 def saved(result: SaveResult, show_path: bool) -> str:
