@@ -199,6 +199,11 @@ def reverse(loaded: LoadedModel) -> FastPathState:
     return state(loaded)
 
 
+def graph_of(loaded: LoadedModel):
+    """The GraphedDecode of the fast path when decode is graphed (a GPU), else None: the running batch replays it."""
+    return loaded.canonical.get("graph") if loaded.canonical else None
+
+
 def generate_kwargs(loaded: LoadedModel, input_ids, max_new_tokens: int) -> dict:
     """Extra generate() arguments the fast path needs: its own static cache when decode is graphed."""
     graph = loaded.canonical.get("graph")

@@ -26,12 +26,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from core import fastpath
 from core import snapshot as snapshots
 from core.engine import Engine
 from core.errors import EngineError, ModelNotFoundError, QueueFullError
 from core.serving import Serving, answer_alone, serving_of
 from core.serving import scheduler
 from core.serving.batch import Batch
+from core.serving.static_rows import StaticRows
 from core.serving.requests import ChatRequest, ChatResult, Piece, RequestState, Status, eos_ids, prompt_ids
 from core.snapshot import Snapshot
 
@@ -258,7 +260,7 @@ class Worker:
         loaded = self.engine.current
         self.serving = serving_of(loaded, self.max_batch)
         if self.serving.batched:
-            self._batch = Batch(loaded.model)
+            self._batch = _new_batch(loaded)
         self.snapshot = snapshots.of(loaded, self.serving.note)
 
     def _start_chat(self, job: Job) -> None:
@@ -299,7 +301,7 @@ class Worker:
             for job, _ in self._running.values():
                 job.finish(error=_as_engine_error(error))
             self._running.clear()
-            self._batch = Batch(self.engine.current.model)
+            self._batch = _new_batch(self.engine.current)
             return
         by_state = {id(state): job for job, state in self._running.values()}
         for state in ended:
@@ -310,6 +312,13 @@ class Worker:
     def _result(self, state: RequestState) -> ChatResult:
         snap = self.snapshot
         return state.result(snap.model, snap.precision, snap.fast_path)
+
+
+def _new_batch(loaded) -> Batch:
+    """The running batch for `loaded`: on graphed static rows when the fast path graphs decode (a GPU), else on a
+    dynamic cache."""
+    graph = fastpath.graph_of(loaded)
+    return Batch(loaded.model, StaticRows(loaded.model, graph) if graph is not None else None)
 
 
 def _as_engine_error(error: BaseException) -> BaseException:

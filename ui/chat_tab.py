@@ -128,9 +128,12 @@ def build(ctx: AppContext) -> ChatTab:
                                      "chat", session_of(request))  # first: an update below means it is queued
         shown = conversation + [{"role": "assistant", "content": "*waiting for the model…*"}]
         answer = ""
+        watch = jobs.UnreadWatch(request)
         try:
             yield shown, "Waiting for the model…"
             for event in job.follow():
+                if watch.unread():  # a call whose results nobody reads: gone, like a closed tab
+                    job.cancel.set()
                 if isinstance(event, Chunk):
                     answer += event.value
                     yield conversation + [{"role": "assistant", "content": answer}], "Generating…"

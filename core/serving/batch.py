@@ -139,9 +139,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
 class Batch:
     """The requests decoding together on one model, and their cache."""
 
-    def __init__(self, model, prefixes: PrefixStore | None = None) -> None:
+    def __init__(self, model, rows=None, prefixes: PrefixStore | None = None) -> None:
         self.model = model
-        self.rows = Rows()
+        self.rows = rows if rows is not None else Rows()  # or core.serving.static_rows.StaticRows, graphed
         self.states: list[RequestState] = []  # in row order
         self.prefixes = prefixes or PrefixStore()
         self.reused_tokens = 0  # prompt tokens taken from kept prefixes instead of computed, since the model loaded
@@ -179,11 +179,10 @@ class Batch:
         """One token for every running request; returns the requests that ended (finished or cancelled)."""
         tokens = [state.generated[-1] for state in self.states]
         logits = self.rows.step(self.model, tokens)
-        plain = [i for i, state in enumerate(self.states) if not state.needs_row]
-        chosen = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}  # one host sync for all
+        greedy = logits.argmax(-1).tolist()  # one host sync for every row that needs nothing more
         ended = []
         for i, state in enumerate(self.states):
-            token = chosen[i] if i in chosen else state.choose(logits[i])
+            token = state.choose(logits[i]) if state.needs_row else greedy[i]
             if state.accept(token):
                 ended.append(i)
         return self._remove(ended)

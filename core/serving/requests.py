@@ -85,7 +85,7 @@ class Finish(enum.Enum):
 @dataclass(frozen=True)
 class ChatResult:
     text: str  # the whole answer, ending before a stop string
-    token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]  # the answer's tokens, without the model's end token
     finish: Finish
     metrics: GenerationMetrics
     model: str  # the model that answered, and its quantization (or dtype): an answer keeps its author
@@ -233,7 +233,8 @@ class RequestState:
         metrics = generation.metrics_of(self.device, self.started, self.clock.first_token_at,
                                         self.ended or time.perf_counter(), len(self.prompt_ids),
                                         len(self.generated), 1)
-        return ChatResult(text="".join(self._text).strip(), token_ids=tuple(self.generated),
+        answer = self.generated[:-1] if self.generated and self.generated[-1] in self.eos else self.generated
+        return ChatResult(text="".join(self._text).strip(), token_ids=tuple(answer),
                           finish=self.finish or Finish.CANCELLED, metrics=metrics, model=model, precision=precision,
                           fast_path=fast_path, together=self.together, logprobs=tuple(self._logprobs))
 

@@ -1,0 +1,260 @@
+"""Serving benchmark: N visitors at once through the model worker (or a running app), batched and one at a time.
+
+For each model and quantization it loads the model once into a real core.worker.Worker (the fast path on
+a GPU), then for each number of streams sends N chats, all together or arriving as a Poisson process,
+first with the running batch and then with the worker held to one request at a time (APP_MAX_BATCH=1),
+in the same run. Per row: aggregate tokens/s (all new tokens over the wall time from the first arrival
+to the last answer), per-stream decode tokens/s (mean over requests), time to first token p50 and p95
+(from each request's arrival), and peak memory.
+
+    python benchmarks/serve.py --model embedded --streams 1,4,8 --new 32            # the CPU
+    python benchmarks/serve.py --model llama8b --quant none,int8,nf4 --streams 1,4,8,16,32 --new 128 \\
+        --prompt-len 128 --tokenizer .whl/tokenizer                               # a GPU (random 8B weights)
+    python benchmarks/serve.py --app http://127.0.0.1:7860/ --key $APP_API_KEY --streams 1,8   # a running app
+
+Random-weight models say nothing of answers; their speed is the point. A table is printed; --results appends
+it to a Markdown file and --json writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from core.serving.requests import ChatRequest  # noqa: E402
+from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
+from core.worker import Chunk, Worker  # noqa: E402
+
+TOPICS = ["a lighthouse keeper", "a dragon", "the sea", "a city at night", "a robot", "a garden", "the moon",
+          "a train journey"]
+
+
+@dataclass
+class Row:
+    model: str
+    quant: str
+    serving: str  # "batched" or "one at a time"
+    arrivals: str  # "together" or "poisson R/s"
+    streams: int
+    aggregate_tok_s: float
+    per_stream_tok_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    peak_mib: float
+
+
+@dataclass
+class Timing:
+    arrived: float
+    first: float | None = None
+    ended: float | None = None
+    tokens: int = 0
+
+
+def arrivals(streams: int, poisson_rate: float | None, seed: int = 0) -> list[float]:
+    if poisson_rate is None:
+        return [0.0] * streams
+    rng = random.Random(seed)
+    times, now = [], 0.0
+    for _ in range(streams):
+        times.append(now)
+        now += rng.expovariate(poisson_rate)
+    return times
+
+
+def through_worker(worker: Worker, prompts: list, spec: GenerationSpec, offsets: list[float]) -> list[Timing]:
+    timings = [Timing(0.0) for _ in prompts]
+    start = time.perf_counter()
+
+    def follow(i: int) -> None:
+        delay = start + offsets[i] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        timing = timings[i]
+        timing.arrived = time.perf_counter()
+        job = worker.submit_chat(ChatRequest(prompts[i], spec))
+        for event in job.follow(poll=0.05):
+            if isinstance(event, Chunk) and timing.first is None:
+                timing.first = time.perf_counter()
+        timing.ended = time.perf_counter()
+        timing.tokens = job.result.metrics.new_tokens
+        if timing.first is None:
+            timing.first = timing.ended
+
+    threads = [threading.Thread(target=follow, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return timings
+
+
+def through_app(url: str, key: str | None, prompts: list, spec: GenerationSpec, offsets: list[float]) -> list[Timing]:
+    import httpx
+
+    timings = [Timing(0.0) for _ in prompts]
+    start = time.perf_counter()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    model = httpx.get(f"{url}v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+
+    def follow(i: int) -> None:
+        delay = start + offsets[i] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        timing = timings[i]
+        timing.arrived = time.perf_counter()
+        body = {"model": model, "messages": prompts[i], "max_tokens": spec.max_new_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{url}v1/chat/completions", json=body, headers=headers, timeout=600) as reply:
+            for line in reply.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and timing.first is None:
+                    timing.first = time.perf_counter()
+                if chunk.get("usage"):
+                    timing.tokens = chunk["usage"]["completion_tokens"]
+        timing.ended = time.perf_counter()
+        timing.first = timing.first or timing.ended
+
+    threads = [threading.Thread(target=follow, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return timings
+
+
+def summarize(timings: list[Timing]) -> tuple[float, float, float, float]:
+    wall = max(t.ended for t in timings) - min(t.arrived for t in timings)
+    aggregate = sum(t.tokens for t in timings) / wall
+    per_stream = statistics.mean((t.tokens - 1) / (t.ended - t.first) for t in timings
+                                 if t.tokens > 1 and t.ended > t.first)
+    ttfts = sorted(t.first - t.arrived for t in timings)
+    p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]
+    return aggregate, per_stream, statistics.median(ttfts), p95
+
+
+def prompts_for(count: int, length: int, tokenizer=None) -> list:
+    prompts = []
+    for i in range(count):
+        text = f"Write a long story about {TOPICS[i % len(TOPICS)]}."
+        if length and tokenizer is not None:  # pad the request to about `length` tokens
+            filler = " ".join(["Once upon a time there was a story."] * (length // 8 + 1))
+            ids = tokenizer(filler + " " + text)["input_ids"][-length:]
+            text = tokenizer.decode(ids)
+        prompts.append([{"role": "user", "content": text}])
+    return prompts
+
+
+def set_rows(worker: Worker, max_batch: int) -> None:
+    """Serve with at most `max_batch` requests together (the worker re-reads its limit after any exclusive job)."""
+    worker.max_batch = max_batch
+    worker.run(lambda engine, job: None, "re-read the batch limit")
+
+
+def peak_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_model(args, model: str, quant: str) -> list[Row]:
+    device = args.device
+    path = model
+    if model in ("llama8b", "smol"):
+        from benchmarks.decode import random_checkpoint
+
+        path = str(random_checkpoint(model, Path(args.work), Path(args.tokenizer) if args.tokenizer else None))
+    elif model == "embedded":
+        path = LoadSpec().model
+    spec = LoadSpec(model=path, dtype="bfloat16" if device == "cuda" else "float32", quant=QuantSpec(mode=quant),
+                    device_map=parse_device_map("cuda:0" if device == "cuda" else "cpu"),
+                    fast_path=device == "cuda")
+    worker = Worker(max_pending=256, max_batch=max(args.streams))
+    worker.run(lambda engine, job: engine.load(spec), "load")
+    print(f"# {model} {quant}: {worker.snapshot.fast_path.summary()}\n# {worker.serving.note}", flush=True)
+    tokenizer = worker.run(lambda engine, job: engine.current.tokenizer, "tokenizer")
+    generation = GenerationSpec(greedy=True, max_new_tokens=args.new, use_chat_template=model == "embedded")
+    rows = []
+    warm = prompts_for(max(args.streams), args.prompt_len, tokenizer)
+    for n in sorted({1, *args.streams}):  # warm-up: captures the graph of every batch bucket at the measured length
+        through_worker(worker, warm[:n], generation, [0.0] * n)
+    for serving, limit in (("batched", max(args.streams)), ("one at a time", 1)):
+        set_rows(worker, limit)
+        for streams in args.streams:
+            for rate in [None, *([args.rate] if args.rate else [])]:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                prompts = prompts_for(streams, args.prompt_len, tokenizer)
+                timings = through_worker(worker, prompts, generation, arrivals(streams, rate))
+                rows.append(Row(model, quant, serving, "together" if rate is None else f"poisson {rate:g}/s", streams,
+                                *summarize(timings), peak_mib(device)))
+                print(table(rows[-1:], header=len(rows) == 1), flush=True)
+    worker.run(lambda engine, job: engine.unload(), "unload")
+    return rows
+
+
+def table(rows: list[Row], header: bool = True) -> str:
+    lines = (["| model | quant | serving | arrivals | streams | aggregate tok/s | per-stream tok/s | TTFT p50 s | "
+              "TTFT p95 s | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"] if header else [])
+    for r in rows:
+        lines.append(f"| {r.model} | {r.quant} | {r.serving} | {r.arrivals} | {r.streams} | {r.aggregate_tok_s:.1f} | "
+                     f"{r.per_stream_tok_s:.1f} | {r.ttft_p50_s:.3f} | {r.ttft_p95_s:.3f} | {r.peak_mib:,.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="embedded", help="embedded, smol, llama8b or a path (comma-separated)")
+    parser.add_argument("--quant", default="none")
+    parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--rate", type=float, default=0.0, help="also Poisson arrivals at this rate (requests/s)")
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=0, help="pad prompts to about this many tokens")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--work", default="/tmp/llm-bench")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--app", default=None, help="a running app's URL: measure through its /v1 instead")
+    parser.add_argument("--key", default=None)
+    parser.add_argument("--results", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    args.streams = [int(s) for s in args.streams.split(",")]
+    rows: list[Row] = []
+    if args.app:
+        spec = GenerationSpec(greedy=True, max_new_tokens=args.new)
+        for streams in args.streams:
+            for rate in [None, *([args.rate] if args.rate else [])]:
+                timings = through_app(args.app, args.key, prompts_for(streams, 0), spec, arrivals(streams, rate))
+                rows.append(Row("app", "as loaded", "batched", "together" if rate is None else f"poisson {rate:g}/s",
+                                streams, *summarize(timings), float("nan")))
+                print(table(rows[-1:], header=len(rows) == 1), flush=True)
+    else:
+        for model in args.model.split(","):
+            for quant in args.quant.split(","):
+                rows += run_model(args, model, quant)
+                if args.json:
+                    Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    text = table(rows)
+    print("\n" + text)
+    if args.results:
+        with open(args.results, "a") as out:
+            out.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
