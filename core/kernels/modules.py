@@ -7,10 +7,10 @@ views of the tensors the layers store: no copies, no extra GPU memory (the 4-bit
 kernel constant).
 
 - LLM.int8() layers (`Linear8bitLt`) always run as W8A16 (core.kernels.w8a16), at every batch size.
-- 4-bit layers (`Linear4bit`) run through core.kernels.w4a16 for 1 row and for 2-16 rows wherever one
-  measurement per shape (core.kernels.select) found it faster than bitsandbytes' kernel; prefill (more
-  rows) keeps bitsandbytes' dequantize-then-cuBLAS.
-- 16-bit layers keep cuBLAS, except one-token GEMVs measured faster in core.kernels.gemv16.
+- 4-bit layers (`Linear4bit`) and 16-bit layers run through our kernels for 1 row, and for 2-16 rows
+  (a batched decode step: flattened token rows [N, K] or sequences [B, 1, K] alike), wherever one
+  measurement per shape (core.kernels.select) found them faster than bitsandbytes' kernel or cuBLAS;
+  prefill (more rows) keeps the library.
 - For one token, a Llama attention's q/k/v and an MLP's gate/up (with SiLU) can each be one launch
   (core.kernels.fusion), where measured faster than the separate layers.
 - `reference=True` installs the kernels' PyTorch reference instead (same math; CPU quality check).
@@ -67,7 +67,7 @@ def install(model, reference: bool = False, timer=None) -> Installed:
             wins = {rows: d.ours for rows, d in decisions.items()}
         one = wins.get(1, False)
         few = [rows for rows in wins if rows > 1]
-        few_wins = bool(few) and all(wins[rows] for rows in few)
+        few_wins = bool(few) and all(wins[rows] for rows in few)  # ours flat over 2-16 rows, theirs rising
         if one or few_wins:
             for layer in members:
                 forwards[layer.module] = _single_forward(layer, one, few_wins, reference)

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
+
+from core.kernels import interpreted
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class Blocks:
     block_k: int
     warps: int = 4
     block_m: int = 1
+    stages: int = 3  # Triton's software pipelining of the K loop (tl.dot kernels)
 
 
 def gemv_blocks(k: int, weight_bits: int, silu_pair: bool = False, k_multiple: int = 64) -> Blocks:
@@ -43,11 +47,12 @@ def gemv_blocks(k: int, weight_bits: int, silu_pair: bool = False, k_multiple: i
     return Blocks(block_n, block_k, warps=8 if weight_bits == 16 or block_n > 2 else 4)
 
 
-def gemm_blocks(m: int, k: int, k_multiple: int = 1) -> Blocks:
-    """tl.dot needs 16 at least in each dimension; for 2-16 rows the sweep preferred 32 columns and
-    a K step of 256."""
+def gemm_blocks(m: int, k: int, bits: int, k_multiple: int = 1) -> Blocks:
+    """Tile shape of the tl.dot kernels. tl.dot needs 16 at least in each dimension, so 2-16 rows
+    are one 16-row tile and each program streams a stripe of weight rows once for all of them."""
     if m <= 16:
-        return Blocks(block_n=32, block_k=dividing(k, 256, k_multiple) if k_multiple > 1 else 256, block_m=16)
+        step = 256 * 8 // max(bits, 8)  # ~8 KB of int8 or 16-bit weights per K step; 4-bit as int8
+        return Blocks(block_n=32, block_k=dividing(k, step, k_multiple) if k_multiple > 1 else step, block_m=16)
     return Blocks(block_n=64, block_k=dividing(k, 64, k_multiple) if k_multiple > 1 else 64, block_m=64)
 
 
@@ -71,6 +76,46 @@ def row_dots(x_ptr, w_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, B
         x = tl.load(x_ptr + cols, mask=inside, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)
+
+
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count of a batched step
+def dense_gemm_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
+                      SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """x [M, K] · W[N, K]ᵀ for a row-major W of 16-bit weights or int8 codes (converted to x's dtype,
+    exact for |code| <= 127), times scale[n] / 127 when SCALED (LLM.int8()'s row absmax), once per output.
+    Each program reads a BLOCK_N x K stripe of W once for all the BLOCK_M rows: at 16 rows or fewer
+    the bytes are those of one row."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * K + ks[None, :],
+                    mask=(cols[:, None] < N) & (ks[None, :] < K), other=0)
+        if FP32_DOT:  # Triton 3.6's interpreter multiplies bf16 bit patterns as integers in tl.dot
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+    if SCALED:
+        acc = acc * (tl.load(scale_ptr + cols, mask=cols < N, other=0.0) * (1.0 / 127.0))[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def launch_dense_gemm(x2, w, scale, out, blocks: Blocks | None = None) -> None:
+    """x2 ([M, K], unit stride along K) · Wᵀ (· scale / 127 when `scale` is given) into out ([M, N])."""
+    m, k = x2.shape
+    n = w.shape[0]
+    blocks = blocks or gemm_blocks(m, k, bits=8 * w.element_size())
+    grid = (triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m))
+    dense_gemm_kernel[grid](x2, w, w if scale is None else scale, out, m, n, k, x2.stride(0), out.stride(0),
+                            SCALED=scale is not None, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+                            BLOCK_K=blocks.block_k, FP32_DOT=interpreted(dense_gemm_kernel),
+                            PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", num_warps=blocks.warps,
+                            num_stages=blocks.stages)
 
 
 @triton.jit
