@@ -29,15 +29,19 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.common import SHAPES, conditions, copy_bandwidth  # noqa: E402
 from core.kernels import gemv16, w4a16, w8a16  # noqa: E402
 from core.kernels.select import graph_time_us  # noqa: E402
-from core.kernels.tiling import Blocks, dividing, launch_dense_gemm  # noqa: E402
+from core.kernels.tiling import Blocks, dividing, launch_dense_gemm, split_k  # noqa: E402
 
 LAYERS = 32
 DEVICE = "cuda"
 GEMV_TILES = [(n, t) for n in (2, 4, 8, 16) for t in (8192, 16384)]  # (rows per program, bytes per K step)
-# (block_n, block_k, warps, stages) of the tl.dot kernels at 2-16 rows; block_k in 4-bit weights' elements
-GEMM_TILES = {16: [(16, 128, 4, 4), (64, 128, 4, 3), (32, 256, 4, 3), (16, 256, 4, 3)],
-              8: [(16, 256, 4, 4), (64, 256, 4, 3), (32, 512, 4, 3), (16, 512, 4, 3)],
-              4: [(16, 256, 4, 3), (64, 256, 4, 3), (32, 512, 4, 3), (32, 256, 2, 3), (64, 128, 4, 3)]}
+# (block_n, block_k, warps, stages, programs) of the tl.dot kernels at 2-16 rows: K is split until the grid
+# has about `programs` programs (tiling.split_k; 1: not split); block_k in 4-bit weights' elements
+GEMM_TILES = {16: [(32, 128, 4, 3, 1), (16, 128, 4, 3, 1024), (64, 128, 4, 3, 1024), (32, 128, 4, 3, 512),
+                   (32, 256, 4, 3, 1024)],
+              8: [(32, 256, 4, 3, 1), (16, 256, 4, 3, 1024), (64, 256, 4, 3, 1024), (32, 256, 4, 3, 512),
+                  (32, 512, 4, 3, 1024)],
+              4: [(32, 256, 4, 3, 1), (16, 256, 4, 3, 1024), (64, 128, 4, 3, 1024), (32, 256, 4, 3, 512),
+                  (32, 128, 4, 3, 1024), (32, 512, 4, 3, 1024)]}
 BITS = {"bf16": 16, "int8": 8, "nf4": 4}
 
 
@@ -148,13 +152,14 @@ def _ours(fmt: str, x: torch.Tensor, ws: list, outs: list, silu: bool, blocks: B
     return lambda: w4a16.launch_gemv(x, ws, outs, silu, blocks, decode)
 
 
-def _variants(fmt: str, rows: int, k: int, gemv_tiles: bool) -> list[tuple[str, Blocks | None, bool]]:
+def _variants(fmt: str, rows: int, n: int, k: int, gemv_tiles: bool) -> list[tuple[str, Blocks | None, bool]]:
     """(label, tiles, 4-bit GEMM decode in bf16x2 pairs) of our kernel to time."""
     bits = BITS[fmt]
     found: list[tuple[str, Blocks | None, bool]] = [("default", None, w4a16.PAIRS)]
     if rows > 1:
-        tiles = [(f"n{bn} k{bk} w{warps} s{stages}", Blocks(bn, bk, warps, 16, stages), w4a16.PAIRS)
-                 for bn, bk, warps, stages in GEMM_TILES[bits] if k % bk == 0]
+        tiles = [(f"n{bn} k{bk} w{warps} s{stages} split {split_k(n, k, bn, bk, programs)}",
+                  Blocks(bn, bk, warps, 16, stages, split_k(n, k, bn, bk, programs)), w4a16.PAIRS)
+                 for bn, bk, warps, stages, programs in GEMM_TILES[bits] if k % bk == 0]
         if bits == 4:  # the other decode (fp32 scaling, or bf16x2 pairs), with the default and one other tile
             tiles += [(f"{label}, {'fp32 scaling' if w4a16.PAIRS else 'bf16x2 pairs'}", blocks, not pairs)
                       for label, blocks, pairs in [("default", None, w4a16.PAIRS)] + tiles[1:2]]
@@ -194,7 +199,7 @@ def _op(fmt: str, name: str, outs_n: list[int], k: int, silu: bool, row_counts: 
                 timed.append(("torchao int4 g128", graph_time_us([lambda call=call: call(x) for call in peer]), ""))
             except Exception as failure:  # torchao's kernel not built for this machine: a row, not the end
                 timed.append((f"torchao failed: {type(failure).__name__}: {str(failure)[:60]}", 0.0, ""))
-        for label, blocks, pairs in _variants(fmt, rows, k, gemv_tiles):
+        for label, blocks, pairs in _variants(fmt, rows, outs_n[0], k, gemv_tiles):
             outs = [[torch.full((rows, n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
                      for n in (outs_n[:1] if silu else outs_n)] for _ in sets]
             try:

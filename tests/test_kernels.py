@@ -130,6 +130,29 @@ def test_w4a16_matches_bitsandbytes_dequantization(quant_type, nested, rows):
         assert relative_error(out, x.double() @ weight.double().T) < BOUND[dtype]
 
 
+def test_split_k_parts_meet_in_the_last_and_leave_the_counters_at_zero():
+    """K split in parts (what gemm_blocks chooses for few output rows): the last part of each tile
+    sums all partials in part order, so two launches agree bitwise, and every tile's counter is back
+    at zero for the next launch."""
+    packed, _ = _quantized(96, 1024, "nf4", True)
+    cb, scb = _int8(96, 1024)
+    x = torch.randn(5, 1024)
+    cases = [(lambda out, split: w4a16.launch_gemm(x, packed, out, tiling.Blocks(32, 128, 4, 16, 3, split)),
+              w4a16.dequantize(packed).double()),
+             (lambda out, split: tiling.launch_dense_gemm(x, cb, scb, out, tiling.Blocks(32, 128, 4, 16, 3, split)),
+              _int8_dense(cb, scb))]
+    assert tiling.gemm_blocks(5, 96, 1024, 4, 64).split > 1
+    for launch, dense in cases:
+        outs = []
+        for split in (4, 4, 8):
+            out = _poisoned(5, 96, torch.float32)
+            launch(out, split)
+            assert relative_error(out, x.double() @ dense.T) < BOUND[torch.float32]
+            assert not tiling.split_scratch(x.device)[1].any()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("shape", [(6, 384), (3, 1, 384), (1, 1, 384)])
 def test_each_format_serves_flattened_rows_and_batched_sequences(shape):
     """A batched step presents [N, K] token rows or [B, 1, K] sequences: every format's kernel gives
@@ -265,16 +288,18 @@ for silu in (False, True):
                 dict(K=4096, BLOCKSIZE=64, NESTED=nested, BLOCK2=256, PRMT=prmt,
                      TABLE=(1, 2, 3, 4, 5, 6, 7, 8) if prmt else w4a16.NO_TABLE, BLOCK_N=b.block_n,
                      BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
+split = {"partial_ptr": "*fp32", "count_ptr": "*i32"}
 for bits, weight in ((8, "*i8"), (16, "*bf16")):
-    g = gemm_blocks(8, 4096, bits)
-    compile(tiling.dense_gemm_kernel, {**x, "w_ptr": weight, "scale_ptr": "*fp32", "out_ptr": "*bf16"},
-            dict(K=4096, SCALED=bits == 8, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k, FP32_DOT=False,
-                 PRECISION="tf32"), g.warps)
-g = gemm_blocks(8, 4096, 4, 64)
-for prmt, nested, pairs in ((True, False, True), (True, True, False), (False, False, False)):
-    compile(w4a16.gemm_kernel, {**x, "words_ptr": "*i32", "out_ptr": "*bf16", "absmax_ptr": "*u8" if nested else "*fp32",
-            **{p: "*fp32" for p in ("absmax2_ptr", "code2_ptr", "offset_ptr", "code_ptr")}},
-            dict(K=4096, BLOCKSIZE=64, NESTED=nested, BLOCK2=256, PRMT=prmt,
+    g = gemm_blocks(8, 4096, 4096, bits)
+    compile(tiling.dense_gemm_kernel, {**x, "w_ptr": weight, "scale_ptr": "*fp32", "out_ptr": "*bf16", **split},
+            dict(K=4096, SCALED=bits == 8, SPLIT=g.split, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
+                 FP32_DOT=False, PRECISION="tf32"), g.warps)
+g = gemm_blocks(8, 4096, 4096, 4, 64)
+for prmt, nested, pairs, parts in ((True, False, True, g.split), (True, True, False, 1), (False, False, False, 2)):
+    compile(w4a16.gemm_kernel, {**x, "words_ptr": "*i32", "out_ptr": "*bf16",
+            "absmax_ptr": "*u8" if nested else "*fp32",
+            **{p: "*fp32" for p in ("absmax2_ptr", "code2_ptr", "offset_ptr", "code_ptr")}, **split},
+            dict(K=4096, SPLIT=parts, BLOCKSIZE=64, NESTED=nested, BLOCK2=256, PRMT=prmt,
                  TABLE=(1, 2, 3, 4, 5, 6, 7, 8) if prmt else w4a16.NO_TABLE, PAIRS=pairs, BLOCK_M=16, BLOCK_N=g.block_n,
                  BLOCK_K=g.block_k, FP32_DOT=False, PRECISION="tf32"), g.warps)
 print("compiled")
@@ -391,7 +416,8 @@ def test_batched_rows_take_the_kernel_only_where_it_won_at_both_ends(tiny, monke
     for verdicts, few in (([1.0, 2.0] * 3, True), ([1.0, 2.0, 1.0, 2.0, 2.0, 1.0], False)):
         select.forget()
         loaded = _load(tiny, "nf4")
-        installed = modules.install(loaded.model, timer=lambda _, v=itertools.cycle(verdicts): next(v))
+        timings = itertools.cycle(verdicts)
+        installed = modules.install(loaded.model, timer=lambda _: next(timings))
         try:
             layer = loaded.model.model.layers[0].mlp.down_proj
             assert "forward" in layer.__dict__ and ("16 rows: ours" in installed.summary()) == few

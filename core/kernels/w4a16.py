@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from core.kernels import interpreted
-from core.kernels.tiling import (Blocks, gemm_blocks, gemv_blocks, gemv_grid, outputs, rows_of, segment, three,
-                                  three_rows)
+from core.kernels.tiling import (Blocks, gemm_blocks, gemm_grid, gemv_blocks, gemv_grid, outputs, rows_of, segment,
+                                  split_args, store_tile, three, three_rows)
 
 
 @dataclass(frozen=True)
@@ -271,15 +271,18 @@ def gemv_kernel(x_ptr, p0, p1, p2, a0, a1, a2, o0, o1, o2, N0, N1, N2, absmax2_p
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count of a batched step
-def gemm_kernel(x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, M, N,
-                K: tl.constexpr, stride_xm, stride_om, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+def gemm_kernel(x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, partial_ptr,
+                count_ptr, M, N, K: tl.constexpr, stride_xm, stride_om, SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                NESTED: tl.constexpr,
                 BLOCK2: tl.constexpr, PRMT: tl.constexpr, TABLE: tl.constexpr, PAIRS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Up to BLOCK_M activation rows: each weight tile is decoded once (as the GEMV decodes it), scaled
     by its absmax, rounded to x's dtype and fed to tl.dot for all the rows (BLOCK_K divides K and is a
-    multiple of BLOCKSIZE). At 16 rows or fewer the bytes read are those of one row."""
+    multiple of BLOCKSIZE). At 16 rows or fewer the bytes read are those of one row. With SPLIT,
+    program (tile, 0, part) does K part `part` (core.kernels.tiling.store_tile)."""
     WORDS: tl.constexpr = BLOCK_K // 8
+    PART: tl.constexpr = K // 8 // SPLIT  # words
     GROUP: tl.constexpr = BLOCKSIZE // 8  # words per absmax block
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -287,7 +290,8 @@ def gemm_kernel(x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr
     cols64 = cols.to(tl.int64)
     salt = (cols[:, None] >> 31) + tl.zeros([BLOCK_N, WORDS], tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(0, K // 8, WORDS):
+    for step in range(0, PART, WORDS):
+        start = tl.program_id(2) * PART + step
         words = tl.load(words_ptr + cols64[:, None] * (K // 8) + (start + tl.arange(0, WORDS))[None, :],
                         mask=live[:, None], other=0)
         blocks = cols64[:, None] * (K // BLOCKSIZE) + (start // GROUP + tl.arange(0, WORDS // GROUP))[None, :]
@@ -305,8 +309,7 @@ def gemm_kernel(x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc)
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & live[None, :])
+    store_tile(acc, out_ptr, partial_ptr, count_ptr, rows, cols, M, N, stride_om, SPLIT, BLOCK_M, BLOCK_N)
 
 
 def _nested(w: Packed) -> dict:
@@ -337,13 +340,13 @@ def launch_gemm(x2: torch.Tensor, w: Packed, out: torch.Tensor, blocks: Blocks |
     `pairs`: with `decode` and bf16 x, weights scaled in bf16x2 inside the permutes (_PRMT_PAIRS)."""
     m, k = x2.shape
     n = w.shape[0]
-    blocks = blocks or gemm_blocks(m, k, 4, k_multiple=w.blocksize)
-    grid = (triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m))
-    gemm_kernel[grid](x2, w.words, w.absmax, code_ptr=w.code, out_ptr=out, M=m, N=n, K=k, stride_xm=x2.stride(0),
-                      stride_om=out.stride(0), BLOCKSIZE=w.blocksize, PRMT=bool(decode), TABLE=_table(decode),
-                      PAIRS=pairs and bool(decode) and x2.dtype == torch.bfloat16, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
-                      FP32_DOT=interpreted(gemm_kernel), PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-                      num_warps=blocks.warps, num_stages=blocks.stages, **_nested(w))
+    blocks, split = split_args(x2, out, blocks or gemm_blocks(m, n, k, 4, k_multiple=w.blocksize))
+    gemm_kernel[gemm_grid(m, n, blocks)](
+        x2, w.words, w.absmax, code_ptr=w.code, out_ptr=out, M=m, N=n, K=k, stride_xm=x2.stride(0),
+        stride_om=out.stride(0), BLOCKSIZE=w.blocksize, PRMT=bool(decode), TABLE=_table(decode),
+        PAIRS=pairs and bool(decode) and x2.dtype == torch.bfloat16, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        BLOCK_K=blocks.block_k, FP32_DOT=interpreted(gemm_kernel), PRECISION="ieee" if x2.dtype == torch.float32 else
+        "tf32", num_warps=blocks.warps, num_stages=blocks.stages, **split, **_nested(w))
 
 
 @torch.library.custom_op("llm_app::w4a16_linear", mutates_args=())

@@ -9,8 +9,9 @@ weights once (half of bf16's bytes). The per-row scale is applied once per outpu
 
 Two kernels: a GEMV for one row of activations (batch-1 decode, the bandwidth-bound case; up to
 three layers sharing the input in one launch, see core.kernels.tiling) and the tiled `tl.dot` GEMM
-of core.kernels.tiling (shared with 16-bit weights) for more rows (a batched decode step, prefill). `reference` is the same math in
-PyTorch: the tests compare against it, and the quality check runs it on the CPU.
+of core.kernels.tiling (shared with 16-bit weights) for more rows (a batched decode step, prefill).
+`reference` is the same math in PyTorch: the tests compare against it, and the quality check runs it
+on the CPU.
 """
 
 from __future__ import annotations
