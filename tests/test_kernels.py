@@ -34,7 +34,7 @@ try:
     import triton.experimental.gluon  # noqa: F401  the interpreter imports it at the first launch; it
     # wraps triton's own jit helpers and checks then that the interpreter is on
     from core import fastpath, generation, kernels, loading, quality
-    from core.kernels import gemv16, layers, modules, select, w4a16, w8a16
+    from core.kernels import gemv16, layers, modules, select, tiling, w4a16, w8a16
 finally:
     os.environ.pop("TRITON_INTERPRET") if _previous is None else os.environ.update(TRITON_INTERPRET=_previous)
 
@@ -82,7 +82,7 @@ def test_w8a16_matches_dequantized_reference(dtype, rows):
     if rows == 1:
         w8a16.launch_gemv(x, [cb], [scb], [out])
     else:
-        w8a16.launch_gemm(x, cb, scb, out)
+        tiling.launch_dense_gemm(x, cb, scb, out)
     assert relative_error(out, x.double() @ _int8_dense(cb, scb).T) < BOUND[dtype]
     assert relative_error(w8a16.reference(x, cb, scb), x.double() @ _int8_dense(cb, scb).T) < BOUND[dtype]
 
@@ -114,8 +114,9 @@ def test_grouped_gemvs_match_reference(silu_pair):
 
 
 @pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("fp4", True)])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
 def test_w4a16_matches_bitsandbytes_dequantization(quant_type, nested, rows):
+    """The GEMV (1 row) and the decode-once GEMM (2-16 rows) against bitsandbytes' own dequantization."""
     packed, theirs = _quantized(40, 384, quant_type, nested)
     weight = w4a16.dequantize(packed)
     assert torch.allclose(weight, theirs, atol=1e-6)  # the reference reads bitsandbytes' layout right
@@ -129,6 +130,59 @@ def test_w4a16_matches_bitsandbytes_dequantization(quant_type, nested, rows):
         assert relative_error(out, x.double() @ weight.double().T) < BOUND[dtype]
 
 
+def test_split_k_parts_meet_in_the_last_and_leave_the_counters_at_zero():
+    """K split in parts (what gemm_blocks chooses for few output rows): the last part of each tile
+    sums all partials in part order, so two launches agree bitwise, and every tile's counter is back
+    at zero for the next launch."""
+    packed, _ = _quantized(96, 1024, "nf4", True)
+    cb, scb = _int8(96, 1024)
+    x = torch.randn(5, 1024)
+    cases = [(lambda out, split: w4a16.launch_gemm(x, packed, out, tiling.Blocks(32, 128, 4, 16, 3, split)),
+              w4a16.dequantize(packed).double()),
+             (lambda out, split: tiling.launch_dense_gemm(x, cb, scb, out, tiling.Blocks(32, 128, 4, 16, 3, split)),
+              _int8_dense(cb, scb))]
+    assert tiling.gemm_blocks(5, 96, 1024, 4, 64).split > 1
+    for launch, dense in cases:
+        outs = []
+        for split in (4, 4, 8):
+            out = _poisoned(5, 96, torch.float32)
+            launch(out, split)
+            assert relative_error(out, x.double() @ dense.T) < BOUND[torch.float32]
+            assert not tiling.split_scratch(x.device)[1].any()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("shape", [(6, 384), (3, 1, 384), (1, 1, 384)])
+def test_each_format_serves_flattened_rows_and_batched_sequences(shape):
+    """A batched step presents [N, K] token rows or [B, 1, K] sequences: every format's kernel gives
+    its reference's numbers in the input's shape (bias included), whatever the row count."""
+    packed, _ = _quantized(40, 384, "nf4", True)
+    bias = torch.randn(40)
+    four = layers.FourBitLayer(_module(torch.nn.Linear(384, 40), bias, compute_dtype=torch.float32), packed)
+    cb, scb = _int8(40, 384)
+    int8 = layers.Int8Layer(_module(torch.nn.Linear(384, 40), bias, weight=cb, SCB=scb),
+                            activations=torch.float32)
+    sixteen = layers.SixteenBitLayer(_module(torch.nn.Linear(384, 40), bias.bfloat16(),
+                                             weight=torch.randn(40, 384, dtype=torch.bfloat16)))
+    for layer in (four, int8, sixteen):
+        x = torch.randn(shape, dtype=layer.compute_dtype)
+        out = layer.kernel(x)
+        assert out.shape == (*shape[:-1], 40) and out.dtype == x.dtype
+        assert relative_error(out, layer.reference(x).double()) < BOUND[x.dtype]
+
+
+def _module(linear: torch.nn.Linear, bias: torch.Tensor, weight: torch.Tensor | None = None, SCB=None,  # noqa: N803
+            compute_dtype=None) -> torch.nn.Linear:
+    """An nn.Linear standing in for a bitsandbytes layer: the attributes the layer classes read."""
+    if weight is not None:
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+    linear.weight.SCB = SCB
+    linear.compute_dtype = compute_dtype
+    return linear
+
+
 def _prmt(a: int, b: int, c: int) -> int:
     """PTX `prmt.b32` (default mode): byte i of the result is byte c[i] & 7 of {b, a}, or its sign
     replicated when c[i] & 8."""
@@ -140,18 +194,31 @@ def _prmt(a: int, b: int, c: int) -> int:
     return out
 
 
+def _bf16x2_fma(a: int, b: int, c: int) -> int:
+    """PTX `fma.rn.bf16x2`: per 16-bit half, a · b + c rounded once to bf16 (a bf16 product is exact in fp32)."""
+    def halves(v):
+        return torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+
+    out = (halves(a) * halves(b) + halves(c)).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    return int(out[0]) | int(out[1]) << 16
+
+
 def _run_ptx(program: str, inputs: list[int]) -> list[int]:
-    """Runs the straight-line integer PTX of the decode program on Python ints."""
+    """Runs the straight-line PTX of a decode program (integer ops, byte permutes, bf16x2 FMAs) on Python ints."""
     registers = {f"${8 + i}": v for i, v in enumerate(inputs)}
     operations = {"and": lambda a, b: a & b, "or": lambda a, b: a | b, "shr": lambda a, b: a >> b,
-                  "shl": lambda a, b: (a << b) & 0xFFFFFFFF, "prmt": _prmt}
+                  "shl": lambda a, b: (a << b) & 0xFFFFFFFF, "prmt": _prmt, "mov": lambda a: a, "fma": _bf16x2_fma}
     for line in program.splitlines():
-        match = re.match(r"\s*(\w+)\.\w+\s+([^;]+);", line)
+        match = re.match(r"\s*(\w+)(?:\.\w+)+\s+([^;]+);", line)
         if match and match.group(1) in operations:
             target, *sources = [a.strip() for a in match.group(2).split(",")]
             values = [registers[s] if s in registers else int(s, 0) for s in sources]
             registers[target] = operations[match.group(1)](*values)
     return [registers[f"${i}"] for i in range(8)]
+
+
+def _nibbles(word: int) -> list[int]:
+    return [(word >> (8 * (e // 2) + 4 * (1 - e % 2))) & 15 for e in range(8)]
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -163,15 +230,36 @@ def test_prmt_decode_program_gives_each_nibbles_code(quant_type):
     want = code.to(torch.bfloat16).float()
     for word in torch.randint(0, 2**32, (64,), dtype=torch.int64).tolist():
         decoded = torch.tensor(_run_ptx(w4a16._PRMT_DECODE.value, [word] + tables)).to(torch.int32).view(torch.float32)
-        nibbles = [(word >> (8 * (e // 2) + 4 * (1 - e % 2))) & 15 for e in range(8)]
-        assert torch.equal(decoded, want[nibbles])
+        assert torch.equal(decoded, want[_nibbles(word)])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_paired_decode_program_gives_each_scaled_weight(quant_type):
+    """The GEMM's decode of two words at once (Triton's pack=2 operands: both words, their absmax as
+    bf16x2, each table word twice): output e holds element e of each word, code · absmax in bf16."""
+    from bitsandbytes.functional import get_4bit_type
+
+    code = get_4bit_type(quant_type, device="cpu")
+    tables = [int(word, 16) for word in w4a16.prmt_tables(code).split(",")]
+    doubled = [t for t in tables for _ in range(2)]
+    bf16 = code.to(torch.bfloat16).float()
+    for _ in range(32):
+        words = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
+        scales = (torch.rand(2) * 4).to(torch.bfloat16)
+        scale_pair = scales.view(torch.int16).to(torch.int32) & 0xFFFF
+        out = _run_ptx(w4a16._PRMT_PAIRS.value, words + [int(scale_pair[0]) | int(scale_pair[1]) << 16] + doubled)
+        pairs = torch.tensor(out, dtype=torch.int64)
+        halves = torch.stack([pairs & 0xFFFF, pairs >> 16], dim=1).to(torch.int32).to(torch.int16).view(torch.bfloat16)
+        for which, word in enumerate(words):
+            want = (bf16[_nibbles(word)] * scales[which].float()).to(torch.bfloat16)
+            assert torch.equal(halves[:, which], want)
 
 
 _HOPPER = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from core.kernels import gemv16, w4a16, w8a16
+from core.kernels import gemv16, tiling, w4a16, w8a16
 from core.kernels.tiling import gemm_blocks, gemv_blocks
 
 def compile(fn, pointers, constants, warps):
@@ -200,13 +288,20 @@ for silu in (False, True):
                 dict(K=4096, BLOCKSIZE=64, NESTED=nested, BLOCK2=256, PRMT=prmt,
                      TABLE=(1, 2, 3, 4, 5, 6, 7, 8) if prmt else w4a16.NO_TABLE, BLOCK_N=b.block_n,
                      BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
-g = gemm_blocks(8, 4096, 64)
-compile(w8a16.gemm_kernel, {**x, "cb_ptr": "*i8", "scb_ptr": "*fp32", "out_ptr": "*bf16"},
-        dict(K=4096, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k, FP32_DOT=False, PRECISION="tf32"), 4)
-compile(w4a16.gemm_kernel, {**x, "words_ptr": "*i32", "out_ptr": "*bf16", **{p: "*fp32" for p in (
-        "absmax_ptr", "absmax2_ptr", "code2_ptr", "offset_ptr", "code_ptr")}},
-        dict(K=4096, BLOCKSIZE=64, NESTED=False, BLOCK2=256, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
-             FP32_DOT=False, PRECISION="tf32"), 4)
+split = {"partial_ptr": "*fp32", "count_ptr": "*i32"}
+for bits, weight in ((8, "*i8"), (16, "*bf16")):
+    g = gemm_blocks(8, 4096, 4096, bits)
+    compile(tiling.dense_gemm_kernel, {**x, "w_ptr": weight, "scale_ptr": "*fp32", "out_ptr": "*bf16", **split},
+            dict(K=4096, SCALED=bits == 8, SPLIT=g.split, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
+                 FP32_DOT=False, PRECISION="tf32"), g.warps)
+g = gemm_blocks(8, 4096, 4096, 4, 64)
+for prmt, nested, pairs, parts in ((True, False, True, g.split), (True, True, False, 1), (False, False, False, 2)):
+    compile(w4a16.gemm_kernel, {**x, "words_ptr": "*i32", "out_ptr": "*bf16",
+            "absmax_ptr": "*u8" if nested else "*fp32",
+            **{p: "*fp32" for p in ("absmax2_ptr", "code2_ptr", "offset_ptr", "code_ptr")}, **split},
+            dict(K=4096, SPLIT=parts, BLOCKSIZE=64, NESTED=nested, BLOCK2=256, PRMT=prmt,
+                 TABLE=(1, 2, 3, 4, 5, 6, 7, 8) if prmt else w4a16.NO_TABLE, PAIRS=pairs, BLOCK_M=16, BLOCK_N=g.block_n,
+                 BLOCK_K=g.block_k, FP32_DOT=False, PRECISION="tf32"), g.warps)
 print("compiled")
 """
 
@@ -312,6 +407,30 @@ def test_losing_kernels_leave_the_library_forward(tiny):
         select.forget()
 
 
+def test_batched_rows_take_the_kernel_only_where_it_won_at_both_ends(tiny, monkeypatch):
+    """4-bit layers are measured at 1, 2 and 16 rows; 2-16 rows take our kernel only when it won at
+    2 and at 16, and a batched step's [N, K] and [B, 1, K] inputs are routed alike."""
+    calls = []
+    apply = w4a16.apply
+    monkeypatch.setattr(w4a16, "apply", lambda x, *a: calls.append(x.shape) or apply(x, *a))
+    for verdicts, few in (([1.0, 2.0] * 3, True), ([1.0, 2.0, 1.0, 2.0, 2.0, 1.0], False)):
+        select.forget()
+        loaded = _load(tiny, "nf4")
+        timings = itertools.cycle(verdicts)
+        installed = modules.install(loaded.model, timer=lambda _: next(timings))
+        try:
+            layer = loaded.model.model.layers[0].mlp.down_proj
+            assert "forward" in layer.__dict__ and ("16 rows: ours" in installed.summary()) == few
+            calls.clear()
+            with torch.inference_mode():
+                for shape in ((1, 1, 128), (5, 128), (4, 1, 128), (17, 128)):
+                    assert layer(torch.randn(shape)).shape == (*shape[:-1], 64)
+            assert calls == [(1, 1, 128)] + ([(5, 128), (4, 1, 128)] if few else [])  # 17 rows: prefill
+        finally:
+            installed.remove()
+            select.forget()
+
+
 def test_compiled_forwards_trace_as_one_graph(tiny):
     select.forget()
     loaded = _load(tiny, "int8")
@@ -345,7 +464,7 @@ def test_without_triton_or_gpu_the_fast_path_keeps_the_libraries(tiny, monkeypat
 
 def test_layers_found_are_the_ones_read_in_place(tiny):
     found = layers.find_layers(_load(tiny, "int8").model)
-    assert len(found) == 14 and {layer.kind for layer in found.values()} == {"int8"}
+    assert len(found) == 14 and {type(layer) for layer in found.values()} == {layers.Int8Layer}
     assert not layers.find_layers(_load(tiny, "none").model)  # fp32 weights: cuBLAS keeps them
 
 

@@ -1,10 +1,11 @@
 """Triton kernels of the GPU fast path, one module per kernel, each with its PyTorch reference beside it.
 
 - `w8a16`: weight-only int8 over LLM.int8()'s stored CB/SCB (activations stay 16-bit).
-- `w4a16`: 4-bit GEMV (and a small-batch GEMM) over bitsandbytes' packed NF4/FP4 bytes and absmax.
-- `gemv16`: one-token GEMV over 16-bit weights.
-- `tiling`: tile shapes, and the one launch over up to three weights that share an input.
-- `layers`: which layers of a loaded model the kernels can read in place.
+- `w4a16`: 4-bit GEMV, and a decode-once GEMM for 2-16 rows, over bitsandbytes' packed NF4/FP4 bytes and absmax.
+- `gemv16`: 16-bit weights: a one-token GEMV, and the skinny GEMM for 2-16 rows.
+- `tiling`: tile shapes, the one launch over up to three weights that share an input, and the skinny
+  split-K GEMM of int8 and 16-bit weights.
+- `layers`: which layers of a loaded model the kernels can read in place, one class per weight format.
 - `select`: ours or the library's, decided per shape by one measurement on the GPU.
 - `fusion`: a Llama attention's q/k/v, and an MLP's gate/up with SiLU, each in one launch.
 - `modules`: installs the kernel-backed `forward`s on a loaded model, and removes them exactly.

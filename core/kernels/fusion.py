@@ -2,7 +2,7 @@
 
 At batch 1 the small projections cost their launch and tail more than their bytes, and gate and up
 only meet in silu(gate) · up. For Llama-style attention and MLP modules whose projections are all
-kernel-served layers of one kind (core.kernels.layers) and have no bias, the module's `forward` is
+kernel-served layers of one format (core.kernels.layers) and have no bias, the module's `forward` is
 set on the instance to one that, for a single token, computes them with one grouped GEMV launch;
 any other input goes to the class's own forward. The attention forward repeats transformers 5.24's
 `LlamaAttention.forward` around the fused projection, so it is used only where the module's class
@@ -50,7 +50,7 @@ def install(model, layers: dict[str, Layer], timer) -> Fused:
         notes.append(f"{len(entries)}x {decision.describe()}")
         if decision.ours:
             for module, members in entries:
-                fused = _grouped(members, silu_pair)
+                fused = members[0].grouped(members, silu_pair)
                 forwards[module] = _mlp(module, fused) if silu_pair else _attention(module, fused)
     for module, forward in forwards.items():
         module.forward = forward
@@ -67,34 +67,8 @@ def _fusable(members: list[Layer | None]) -> bool:
     if any(m is None for m in members):
         return False
     first = members[0]
-    if any(m.kind != first.kind or m.in_features != first.in_features or m.module.bias is not None
-           or m.compute_dtype != first.compute_dtype for m in members):
-        return False
-    if first.kind == "4bit":  # one code table, block size and decode table for the whole launch
-        return all(not m.packed.nested and m.packed.blocksize == first.packed.blocksize
-                   and m.decode == first.decode
-                   and torch.equal(m.packed.code, first.packed.code) for m in members)
-    return True
-
-
-def _grouped(members: list[Layer], silu_pair: bool) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-    """x (one token) → the layers' outputs in one launch ([silu(gate) · up] when `silu_pair`)."""
-    first = members[0]
-    if first.kind == "int8":
-        from core.kernels import w8a16
-
-        weights = [m.int8_weights() for m in members]
-        cbs, scbs = [w[0] for w in weights], [w[1] for w in weights]
-        return lambda x: w8a16.gemv(x, cbs, scbs, silu_pair)
-    if first.kind == "4bit":
-        from core.kernels import w4a16
-
-        packed, dtype = [m.packed for m in members], first.compute_dtype
-        return lambda x: [o.to(x.dtype) for o in w4a16.apply_group(x.to(dtype), packed, silu_pair, first.decode)]
-    from core.kernels import gemv16
-
-    weights = [m.module.weight for m in members]
-    return lambda x: gemv16.gemv(x, weights, silu_pair)
+    return all(type(m) is type(first) and m.in_features == first.in_features and m.module.bias is None
+               and m.compute_dtype == first.compute_dtype and first.groups_with(m) for m in members)
 
 
 def _measure(entries: list, silu_pair: bool, timer) -> select.Decision:
@@ -104,7 +78,7 @@ def _measure(entries: list, silu_pair: bool, timer) -> select.Decision:
     what = "gate/up + SiLU" if silu_pair else "q/k/v"
     label = f"{first.label} {what} {'+'.join(str(m.out_features) for m in members)}x{first.in_features} in one launch"
     key = ("fused", first.device_name, silu_pair, *(m.key for m in members), len(entries))
-    ours = [lambda members=members: _grouped(members, silu_pair)(x) for _, members in entries]
+    ours = [lambda members=members: members[0].grouped(members, silu_pair)(x) for _, members in entries]
     if silu_pair:
         theirs = [lambda m=m: m.act_fn(m.gate_proj(x)) * m.up_proj(x) for m, _ in entries]
     else:

@@ -1,4 +1,5 @@
-"""GEMV over 16-bit weights (bf16/fp16 `nn.Linear`), for one token: up to three layers per launch.
+"""16-bit weights (bf16/fp16 `nn.Linear`): a GEMV for one token (up to three layers per launch), and
+the skinny `tl.dot` GEMM of core.kernels.tiling for a batched step's 2-16 rows.
 
 cuBLAS reads a large bf16 GEMV at about copy bandwidth, but a decode step of an 8B model also has
 64 small ones (k and v: 8 MB each) whose launch and tail cost more than their bytes, and an MLP
@@ -13,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from core.kernels.tiling import (Blocks, gemv_blocks, gemv_grid, outputs, row_dots, rows_of, segment, three,
-                                  three_rows)
+from core.kernels.tiling import (Blocks, gemv_blocks, gemv_grid, launch_dense_gemm, outputs, row_dots, rows_of,
+                                  segment, three, three_rows)
 
 
 def reference(x: torch.Tensor, weights: list[torch.Tensor], silu_pair: bool) -> list[torch.Tensor]:
@@ -66,3 +67,20 @@ def gemv(x: torch.Tensor, weights: list[torch.Tensor], silu_pair: bool) -> list[
 @gemv.register_fake
 def _(x, weights, silu_pair):
     return outputs(x, [w.shape[0] for w in weights], silu_pair)
+
+
+@torch.library.custom_op("llm_app::linear16", mutates_args=())
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One 16-bit layer without bias, any row count: the GEMV for one row, the tiled GEMM otherwise."""
+    x2 = rows_of(x)
+    out = torch.empty((x2.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    if x2.shape[0] == 1:
+        launch_gemv(x2, [weight], [out])
+    else:
+        launch_dense_gemm(x2, weight, None, out)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -1,29 +1,45 @@
-"""The linear layers the kernels can serve, found in a loaded model, with one call per layer.
+"""The linear layers the kernels can serve, found in a loaded model: one small class per weight format.
 
-A `Layer` wraps one module of a kind the kernels read in place: an LLM.int8() layer (CB, SCB), a
-bitsandbytes 4-bit layer (packed bytes, absmax) or a plain 16-bit `nn.Linear`. Layers whose weights
-are anything else (torchao's tensor subclasses, bitsandbytes' CPU repacking, 4-bit blocks that
-straddle rows) are not found, so they keep their own forward.
+Each class wraps one module whose weights a kernel reads in place and answers the same questions:
+what the activations reach the kernel in (`compute_dtype`), which layers share a kernel
+specialization (`key`), the forward through the kernel and through its PyTorch reference, at which
+row counts it is measured against the library (`measured_rows`), and how several of them that share
+an input run in one launch (`grouped`):
+
+- `Int8Layer`: an LLM.int8() layer (CB, SCB), as W8A16 at every row count (core.kernels.w8a16).
+- `FourBitLayer`: a bitsandbytes 4-bit layer (packed bytes, absmax; NF4 or FP4, double-quantized
+  absmax too), through core.kernels.w4a16.
+- `SixteenBitLayer`: a plain bf16/fp16 `nn.Linear`, through core.kernels.gemv16.
+
+Layers whose weights are anything else (torchao's tensor subclasses, bitsandbytes' CPU repacking,
+4-bit blocks that straddle rows) are not found, so they keep their own forward. A new weight format
+is a new class here and one line in `_as_layer`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from core.kernels import gemv16, interpreted, w4a16, w8a16
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+FEW_ROWS = 16  # row counts the skinny kernels serve (a batched decode step); more rows are prefill
+
+Grouped = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 @dataclass(frozen=True, eq=False)
 class Layer:
+    """What every format shares; subclasses add the format's weights and its four methods."""
+
     module: torch.nn.Module
-    kind: str  # "int8", "4bit" or "16bit"
-    packed: w4a16.Packed | None = None
-    decode: str = field(default="", repr=False)  # 4-bit: w4a16.prmt_tables(code) on a GPU with 16-bit x
-    activations: torch.dtype = torch.bfloat16  # int8: the model's dtype (the layer itself has none)
+    library: ClassVar[str] = "cuBLAS'"  # who computes the layer when ours is not used
+    measured_rows: ClassVar[tuple[int, ...]] = (1,)  # row counts timed against the library
+    always: ClassVar[bool] = False  # ours at every row count, unmeasured
 
     @property
     def in_features(self) -> int:
@@ -44,51 +60,140 @@ class Layer:
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype activations reach the kernel in."""
-        if self.kind == "4bit":
-            return self.module.compute_dtype or torch.bfloat16
-        if self.kind == "int8":
-            return self.activations
-        return self.module.weight.dtype
+        raise NotImplementedError
 
     @property
     def label(self) -> str:
-        if self.kind == "4bit":
-            return self.module.weight.quant_state.quant_type
-        return {"int8": "int8", "16bit": str(self.module.weight.dtype).removeprefix("torch.")}[self.kind]
+        """The weight format, for notes: "int8", "nf4", "bfloat16"."""
+        raise NotImplementedError
 
     @property
     def key(self) -> tuple:
         """Layers with equal keys run the same kernel specialization: one measurement covers them."""
-        extra = ()
-        if self.kind == "4bit":
-            extra = (self.packed.blocksize, self.packed.nested, self.decode)
-        return (self.kind, self.label, self.out_features, self.in_features, self.compute_dtype, *extra)
-
-    def int8_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self.module.weight.data, _scb(self.module), self.module.bias
+        return (type(self).__name__, self.label, self.out_features, self.in_features, self.compute_dtype)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """This layer's forward through the fast path's kernel."""
-        if self.kind == "int8":
-            return w8a16.linear(x, *self.int8_weights())
-        if self.kind == "4bit":
-            out = w4a16.apply(x.to(self.compute_dtype), self.packed, self.decode)
-        else:
-            out = gemv16.gemv(x, [self.module.weight], False)[0]
+        """This layer's forward through the fast path's kernels (x: [..., K], any row count)."""
+        raise NotImplementedError
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same math in PyTorch."""
+        raise NotImplementedError
+
+    def groups_with(self, other: Layer) -> bool:
+        """Whether `other` (same class, same input) can share one grouped launch with this layer."""
+        return True
+
+    @staticmethod
+    def grouped(members: list[Layer], silu_pair: bool) -> Grouped:
+        """x (one token) → the members' outputs in one launch ([silu(gate) · up] when `silu_pair`)."""
+        raise NotImplementedError
+
+    def _with_bias(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.module.bias is not None:
             out = out + self.module.bias.to(out.dtype)
         return out.to(x.dtype)
 
+
+@dataclass(frozen=True, eq=False)
+class Int8Layer(Layer):
+    """LLM.int8() as W8A16 at every row count: its own matmul syncs the host, so no graph could hold it."""
+
+    activations: torch.dtype = torch.bfloat16  # the model's dtype (the layer itself has none)
+    always: ClassVar[bool] = True
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.activations
+
+    @property
+    def label(self) -> str:
+        return "int8"
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.module.weight.data, _scb(self.module), self.module.bias
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a16.linear(x, *self.weights())
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same math in PyTorch."""
-        if self.kind == "int8":
-            return w8a16.reference(x, *self.int8_weights())
-        if self.kind == "4bit":
-            return w4a16.reference(x.to(self.compute_dtype), self.packed, self.module.bias).to(x.dtype)
+        return w8a16.reference(x, *self.weights())
+
+    @staticmethod
+    def grouped(members: list[Int8Layer], silu_pair: bool) -> Grouped:
+        weights = [m.weights() for m in members]
+        cbs, scbs = [w[0] for w in weights], [w[1] for w in weights]
+        return lambda x: w8a16.gemv(x, cbs, scbs, silu_pair)
+
+
+@dataclass(frozen=True, eq=False)
+class FourBitLayer(Layer):
+    """A bitsandbytes 4-bit layer read as stored: the GEMV for one row, the decode-once GEMM for 2-16."""
+
+    packed: w4a16.Packed | None = None
+    decode: str = field(default="", repr=False)  # w4a16.prmt_tables(code) on a GPU with 16-bit x
+    library: ClassVar[str] = "bitsandbytes'"
+    # Ours at 2-16 rows decodes one 16-row tile whatever the count, while bitsandbytes' time grows
+    # with the rows: the two ends decide the range.
+    measured_rows: ClassVar[tuple[int, ...]] = (1, 2, FEW_ROWS)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.module.compute_dtype or torch.bfloat16
+
+    @property
+    def label(self) -> str:
+        return self.module.weight.quant_state.quant_type
+
+    @property
+    def key(self) -> tuple:
+        return (*super().key, self.packed.blocksize, self.packed.nested, self.decode)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return self._with_bias(w4a16.apply(x.to(self.compute_dtype), self.packed, self.decode), x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return w4a16.reference(x.to(self.compute_dtype), self.packed, self.module.bias).to(x.dtype)
+
+    def groups_with(self, other: FourBitLayer) -> bool:
+        """One code table, block size and decode table per launch; the grouped GEMV reads plain absmax."""
+        return (not self.packed.nested and not other.packed.nested and other.packed.blocksize == self.packed.blocksize
+                and other.decode == self.decode and torch.equal(other.packed.code, self.packed.code))
+
+    @staticmethod
+    def grouped(members: list[FourBitLayer], silu_pair: bool) -> Grouped:
+        first = members[0]
+        packed, dtype = [m.packed for m in members], first.compute_dtype
+        return lambda x: [o.to(x.dtype) for o in w4a16.apply_group(x.to(dtype), packed, silu_pair, first.decode)]
+
+
+@dataclass(frozen=True, eq=False)
+class SixteenBitLayer(Layer):
+    """A bf16/fp16 `nn.Linear`: the grouped GEMV for one row, a skinny tl.dot GEMM for 2-16."""
+
+    measured_rows: ClassVar[tuple[int, ...]] = (1, 2, FEW_ROWS)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.module.weight.dtype
+
+    @property
+    def label(self) -> str:
+        return str(self.module.weight.dtype).removeprefix("torch.")
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return self._with_bias(gemv16.linear(x, self.module.weight), x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         out = x.float() @ self.module.weight.float().T
         if self.module.bias is not None:
             out = out + self.module.bias.float()
         return out.to(x.dtype)
+
+    @staticmethod
+    def grouped(members: list[SixteenBitLayer], silu_pair: bool) -> Grouped:
+        weights = [m.module.weight for m in members]
+        return lambda x: gemv16.gemv(x, weights, silu_pair)
 
 
 def _scb(module) -> torch.Tensor | None:
@@ -112,17 +217,17 @@ def _as_layer(module, dtype: torch.dtype) -> Layer | None:
     bnb = _bitsandbytes()
     if bnb is not None and isinstance(module, bnb.Linear8bitLt):
         if module.weight.dtype == torch.int8 and _scb(module) is not None:
-            return Layer(module, "int8", activations=dtype)
+            return Int8Layer(module, activations=dtype)
         return None
     if bnb is not None and isinstance(module, bnb.Linear4bit):
         return _four_bit(module)
     if type(module) is torch.nn.Linear and type(module.weight.data) is torch.Tensor \
             and module.weight.dtype in SIXTEEN_BIT:  # exact types: torchao's quantized weights are subclasses
-        return Layer(module, "16bit")
+        return SixteenBitLayer(module)
     return None
 
 
-def _four_bit(module) -> Layer | None:
+def _four_bit(module) -> FourBitLayer | None:
     state = getattr(module.weight, "quant_state", None)
     if state is None or getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU repacking
         return None
@@ -131,7 +236,7 @@ def _four_bit(module) -> Layer | None:
         return None
     compute = module.compute_dtype or torch.bfloat16
     prmt = module.weight.is_cuda and compute in SIXTEEN_BIT and not interpreted(w4a16.gemv_kernel)
-    return Layer(module, "4bit", packed, w4a16.prmt_tables(state.code) if prmt else "")
+    return FourBitLayer(module, packed, w4a16.prmt_tables(state.code) if prmt else "")
 
 
 def _bitsandbytes():

@@ -7,10 +7,10 @@ views of the tensors the layers store: no copies, no extra GPU memory (the 4-bit
 kernel constant).
 
 - LLM.int8() layers (`Linear8bitLt`) always run as W8A16 (core.kernels.w8a16), at every batch size.
-- 4-bit layers (`Linear4bit`) run through core.kernels.w4a16 for 1 row and for 2-16 rows wherever one
-  measurement per shape (core.kernels.select) found it faster than bitsandbytes' kernel; prefill (more
-  rows) keeps bitsandbytes' dequantize-then-cuBLAS.
-- 16-bit layers keep cuBLAS, except one-token GEMVs measured faster in core.kernels.gemv16.
+- 4-bit layers (`Linear4bit`) and 16-bit layers run through our kernels for 1 row, and for 2-16 rows
+  (a batched decode step: flattened token rows [N, K] or sequences [B, 1, K] alike), wherever one
+  measurement per shape (core.kernels.select) found them faster than bitsandbytes' kernel or cuBLAS;
+  prefill (more rows) keeps the library.
 - For one token, a Llama attention's q/k/v and an MLP's gate/up (with SiLU) can each be one launch
   (core.kernels.fusion), where measured faster than the separate layers.
 - `reference=True` installs the kernels' PyTorch reference instead (same math; CPU quality check).
@@ -25,9 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from core.kernels import fusion, select
-from core.kernels.layers import Layer, find_layers
-
-FEW_ROWS = 16  # batch sizes the skinny tl.dot kernels serve; more rows are prefill
+from core.kernels.layers import FEW_ROWS, Layer, find_layers
 
 
 @dataclass(frozen=True)
@@ -50,25 +48,29 @@ def install(model, reference: bool = False, timer=None) -> Installed:
     layers = find_layers(model)
     forwards: dict[torch.nn.Module, Callable] = {}
     notes: list[str] = []
-    int8 = [layer for layer in layers.values() if layer.kind == "int8"]
-    for layer in int8:
+    always = [layer for layer in layers.values() if layer.always]
+    for layer in always:
         forwards[layer.module] = _single_forward(layer, True, True, reference)
-    if int8:
-        notes.append(f"{len(int8)} LLM.int8() layers run as W8A16 (weight-only int8, Triton)")
+    if always:
+        notes.append(f"{len(always)} LLM.int8() layers run as W8A16 (weight-only int8, Triton)")
     groups: dict[tuple, list[Layer]] = defaultdict(list)
     for layer in layers.values():
-        if layer.kind != "int8":
+        if not layer.always:
             groups[layer.key].append(layer)
     for members in groups.values():
+        measured = members[0].measured_rows
         if reference:
-            one, few = True, members[0].kind == "4bit"
+            wins = {rows: True for rows in measured}
         else:
-            decisions = [_measure(members, rows, timer) for rows in ((1, 8) if members[0].kind == "4bit" else (1,))]
-            notes.append(f"{len(members)}x " + "; ".join(d.describe() for d in decisions))
-            one, few = decisions[0].ours, len(decisions) > 1 and decisions[1].ours
-        if one or few:
+            decisions = {rows: _measure(members, rows, timer) for rows in measured}
+            notes.append(f"{len(members)}x " + "; ".join(d.describe() for d in decisions.values()))
+            wins = {rows: d.ours for rows, d in decisions.items()}
+        one = wins.get(1, False)
+        few = [rows for rows in wins if rows > 1]
+        few_wins = bool(few) and all(wins[rows] for rows in few)  # ours flat over 2-16 rows, theirs rising
+        if one or few_wins:
             for layer in members:
-                forwards[layer.module] = _single_forward(layer, one, few, reference)
+                forwards[layer.module] = _single_forward(layer, one, few_wins, reference)
     for module, forward in forwards.items():
         module.forward = forward
     if not reference:
@@ -80,11 +82,11 @@ def install(model, reference: bool = False, timer=None) -> Installed:
 
 def _single_forward(layer: Layer, one_row: bool, few_rows: bool, reference: bool) -> Callable:
     """Our kernel for 1 row (and for 2-16 rows when `few_rows`), the layer's own forward otherwise;
-    LLM.int8() layers always take the kernel (W8A16 at every size: no host syncs, one numerics)."""
+    `always` layers (LLM.int8()) take the kernel at every size (W8A16: no host syncs, one numerics)."""
     module = layer.module
     original = type(module).forward
     compute = layer.reference if reference else layer.kernel
-    always = layer.kind == "int8"
+    always = layer.always
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -102,5 +104,4 @@ def _measure(members: list[Layer], rows: int, timer) -> select.Decision:
     key = (first.device_name, first.key, rows, len(members))
     ours = [lambda layer=layer: layer.kernel(x) for layer in members]
     theirs = [lambda layer=layer: type(layer.module).forward(layer.module, x) for layer in members]
-    who = "bitsandbytes'" if first.kind == "4bit" else "cuBLAS'"
-    return select.decide(key, label, ours, theirs, timer, who)
+    return select.decide(key, label, ours, theirs, timer, first.library)

@@ -17,6 +17,11 @@ and turns each word's 8 nibbles into codes one of two ways:
 - otherwise (fp32 activations, and Triton's CPU interpreter, which cannot run PTX) loads from the
   fp32 table: exact, but each lookup is a gathered load that Triton re-lays out through shared memory.
 The products of each absmax block are summed before the block's absmax scales them, once.
+
+For 2-16 rows (a batched decode step) the GEMM decodes each weight tile the same way once, scales
+it by its absmax, rounds it to the activations' dtype and feeds it to tensor cores (`tl.dot`) for
+all the rows together: at 16 rows or fewer it reads the bytes one row reads, where bitsandbytes
+dequantizes the whole weight to 16 bits and runs cuBLAS (three times the bytes, and a second pass).
 `reference` is the same math in PyTorch.
 """
 
@@ -29,8 +34,8 @@ import triton
 import triton.language as tl
 
 from core.kernels import interpreted
-from core.kernels.tiling import (Blocks, gemm_blocks, gemv_blocks, gemv_grid, outputs, rows_of, segment, three,
-                                  three_rows)
+from core.kernels.tiling import (Blocks, gemm_blocks, gemm_grid, gemv_blocks, gemv_grid, outputs, rows_of, segment,
+                                  split_args, store_tile, three, three_rows)
 
 
 @dataclass(frozen=True)
@@ -114,30 +119,58 @@ def _nibble(words, e: tl.constexpr):
 # Nibble j of a word is element j ^ 1. Per 4 nibbles: two byte permutes pick each nibble's low byte
 # from table entries 0-7 and 8-15 (3-bit selectors), a third keeps the right one (bit 3), likewise
 # for the high bytes; two more pair low and high bytes into bf16x2, and fp32 is bf16 << 16.
-_PRMT_HALF = """prmt.b32 a, {L0}, {L1}, s;
-prmt.b32 b, {L2}, {L3}, s;
-prmt.b32 lo, a, b, sel;
-prmt.b32 a, {H0}, {H1}, s;
-prmt.b32 b, {H2}, {H3}, s;
-prmt.b32 hi, a, b, sel;
-prmt.b32 p, lo, hi, 0x5140;
-prmt.b32 q, lo, hi, 0x7362;
-and.b32 ${o0}, p, 0xffff0000;
+_PRMT_LOOKUP = """prmt.b32 a, {L0}, {L1}, {s};
+prmt.b32 b, {L2}, {L3}, {s};
+prmt.b32 lo, a, b, {sel};
+prmt.b32 a, {H0}, {H1}, {s};
+prmt.b32 b, {H2}, {H3}, {s};
+prmt.b32 hi, a, b, {sel};
+prmt.b32 {p}, lo, hi, 0x5140;
+prmt.b32 {q}, lo, hi, 0x7362;
+"""
+_SELECTORS = """and.b32 {s}, {word}, 0x77777777;
+and.b32 {sel}, {word}, 0x88888888;
+shr.u32 {sel}, {sel}, 1;
+or.b32 {sel}, {sel}, 0x32103210;
+"""
+_TABLES = dict(L0="$9", L1="$10", L2="$11", L3="$12", H0="$13", H1="$14", H2="$15", H3="$16")
+_FP32 = """and.b32 ${o0}, p, 0xffff0000;
 shl.b32 ${o1}, p, 16;
 and.b32 ${o2}, q, 0xffff0000;
 shl.b32 ${o3}, q, 16;
 """
-
-
 _PRMT_DECODE = tl.constexpr(
-    "{\n.reg .b32 s, sel, a, b, lo, hi, p, q;\n"
-    "and.b32 s, $8, 0x77777777;\nand.b32 sel, $8, 0x88888888;\nshr.u32 sel, sel, 1;\nor.b32 sel, sel, 0x32103210;\n"
-    + _PRMT_HALF.format(L0="$9", L1="$10", L2="$11", L3="$12", H0="$13", H1="$14", H2="$15", H3="$16",
-                        o0=0, o1=1, o2=2, o3=3)
+    "{\n.reg .b32 s, sel, a, b, lo, hi, p, q;\n" + _SELECTORS.format(s="s", sel="sel", word="$8")
+    + _PRMT_LOOKUP.format(s="s", sel="sel", p="p", q="q", **_TABLES) + _FP32.format(o0=0, o1=1, o2=2, o3=3)
     + "shr.u32 s, s, 16;\nshr.u32 sel, sel, 16;\n"
-    + _PRMT_HALF.format(L0="$9", L1="$10", L2="$11", L3="$12", H0="$13", H1="$14", H2="$15", H3="$16",
-                        o0=4, o1=5, o2=6, o3=7) + "}")
+    + _PRMT_LOOKUP.format(s="s", sel="sel", p="p", q="q", **_TABLES) + _FP32.format(o0=4, o1=5, o2=6, o3=7) + "}")
+
+# Two words at once (Triton's pack=2: words $8 and $9, their two absmax as bf16x2 in $10, the table
+# words in $11, $13, ... $25, each passed twice): output e is bf16x2 (code · absmax of element e of the
+# first word, the same of the second), so the 16-bit weights come out of the permutes scaled, with
+# one bf16x2 FMA per pair instead of two expansions to fp32, two fp32 products and a conversion back.
+_PAIR_TABLES = {name: f"${11 + 2 * i}" for i, name in enumerate(_TABLES)}
+_PAIR_SCALE = """prmt.b32 x, pa, pb, 0x5410;
+fma.rn.bf16x2 ${o0}, x, $10, z;
+prmt.b32 x, pa, pb, 0x7632;
+fma.rn.bf16x2 ${o1}, x, $10, z;
+prmt.b32 x, qa, qb, 0x5410;
+fma.rn.bf16x2 ${o2}, x, $10, z;
+prmt.b32 x, qa, qb, 0x7632;
+fma.rn.bf16x2 ${o3}, x, $10, z;
+"""
+_PAIR_HALF = (_PRMT_LOOKUP.format(s="s", sel="sel", p="pa", q="qa", **_PAIR_TABLES)
+              + _PRMT_LOOKUP.format(s="t", sel="u", p="pb", q="qb", **_PAIR_TABLES))
+_PRMT_PAIRS = tl.constexpr(
+    "{\n.reg .b32 s, sel, t, u, a, b, lo, hi, pa, qa, pb, qb, x, z;\nmov.b32 z, 0x80008000;\n"
+    + _SELECTORS.format(s="s", sel="sel", word="$8") + _SELECTORS.format(s="t", sel="u", word="$9")
+    # nibble j holds element j ^ 1
+    + _PAIR_HALF + _PAIR_SCALE.format(o0=1, o1=0, o2=3, o3=2)
+    + "shr.u32 s, s, 16;\nshr.u32 sel, sel, 16;\nshr.u32 t, t, 16;\nshr.u32 u, u, 16;\n"
+    + _PAIR_HALF + _PAIR_SCALE.format(o0=5, o1=4, o2=7, o3=6) + "}")
+_PAIRS_OPERANDS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 19))
 NO_TABLE = (0,) * 8
+PAIRS = True  # the GEMM's default decode for bf16 activations (benchmarks/decode_sweep.py compares both)
 
 
 def prmt_tables(code: torch.Tensor) -> str:
@@ -170,6 +203,20 @@ def _codes(words, code_ptr, salt, PRMT: tl.constexpr, TABLE: tl.constexpr):
         return [x.to(tl.float32, bitcast=True) for x in v]
     else:
         return [tl.load(code_ptr + _nibble(words, e)) for e in (0, 1, 2, 3, 4, 5, 6, 7)]
+
+
+@triton.jit
+def _scaled_weights(words, scale, code_ptr, salt, PRMT: tl.constexpr, TABLE: tl.constexpr, PAIRS: tl.constexpr):
+    """The weights code · absmax of the 8 elements of each word, in element order: bf16 from the
+    paired permutes when PAIRS (bf16 activations), else fp32 (rounded to x's dtype by the caller)."""
+    if PAIRS:
+        return tl.inline_asm_elementwise(
+            _PRMT_PAIRS, _PAIRS_OPERANDS,
+            [words, scale.to(tl.bfloat16), salt | TABLE[0], salt | TABLE[1], salt | TABLE[2], salt | TABLE[3],
+             salt | TABLE[4], salt | TABLE[5], salt | TABLE[6], salt | TABLE[7]],
+            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    else:
+        return [c * scale for c in _codes(words, code_ptr, salt, PRMT, TABLE)]
 
 
 @triton.jit
@@ -223,43 +270,46 @@ def gemv_kernel(x_ptr, p0, p1, p2, a0, a1, a2, o0, o1, o2, N0, N1, N2, absmax2_p
         tl.store(o + rows, dots.to(o.dtype.element_ty), mask=live)
 
 
-@triton.jit
-def gemm_kernel(x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, M, N,
-                K: tl.constexpr, stride_xm, stride_om, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                BLOCK2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """Several activation rows: each weight tile is decoded to x's dtype once and fed to tl.dot."""
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count of a batched step
+def gemm_kernel(x_ptr, words_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, partial_ptr,
+                count_ptr, M, N, K: tl.constexpr, stride_xm, stride_om, SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                NESTED: tl.constexpr,
+                BLOCK2: tl.constexpr, PRMT: tl.constexpr, TABLE: tl.constexpr, PAIRS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Up to BLOCK_M activation rows: each weight tile is decoded once (as the GEMV decodes it), scaled
+    by its absmax, rounded to x's dtype and fed to tl.dot for all the rows (BLOCK_K divides K and is a
+    multiple of BLOCKSIZE). At 16 rows or fewer the bytes read are those of one row. With SPLIT,
+    program (tile, 0, part) does K part `part` (core.kernels.tiling.store_tile)."""
     WORDS: tl.constexpr = BLOCK_K // 8
+    PART: tl.constexpr = K // 8 // SPLIT  # words
+    GROUP: tl.constexpr = BLOCKSIZE // 8  # words per absmax block
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     live = cols < N
     cols64 = cols.to(tl.int64)
+    salt = (cols[:, None] >> 31) + tl.zeros([BLOCK_N, WORDS], tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        word_cols = start // 8 + tl.arange(0, WORDS)
-        words = tl.load(words_ptr + cols64[:, None] * (K // 8) + word_cols[None, :], mask=live[:, None], other=0)
-        blocks = cols64[:, None] * (K // BLOCKSIZE) + (word_cols * 8 // BLOCKSIZE)[None, :]
+    for step in range(0, PART, WORDS):
+        start = tl.program_id(2) * PART + step
+        words = tl.load(words_ptr + cols64[:, None] * (K // 8) + (start + tl.arange(0, WORDS))[None, :],
+                        mask=live[:, None], other=0)
+        blocks = cols64[:, None] * (K // BLOCKSIZE) + (start // GROUP + tl.arange(0, WORDS // GROUP))[None, :]
         scale = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, live[:, None], NESTED, BLOCK2)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_N, WORDS // GROUP, GROUP]), [BLOCK_N, WORDS])
+        v = _scaled_weights(words, scale, code_ptr, salt, PRMT, TABLE, PAIRS)
         # Join the 8 elements of each word in natural order: join stacks along a new last axis, so
         # the innermost join pairs e and e + 4, the next e and e + 2, the outermost e and e + 1.
-        w = tl.join(tl.join(tl.join(_value(words, 0, code_ptr, scale), _value(words, 4, code_ptr, scale)),
-                            tl.join(_value(words, 2, code_ptr, scale), _value(words, 6, code_ptr, scale))),
-                    tl.join(tl.join(_value(words, 1, code_ptr, scale), _value(words, 5, code_ptr, scale)),
-                            tl.join(_value(words, 3, code_ptr, scale), _value(words, 7, code_ptr, scale))))
+        w = tl.join(tl.join(tl.join(v[0], v[4]), tl.join(v[2], v[6])),
+                    tl.join(tl.join(v[1], v[5]), tl.join(v[3], v[7])))
         w = tl.reshape(w, [BLOCK_N, BLOCK_K])
-        ks = start + tl.arange(0, BLOCK_K)
+        ks = start * 8 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=rows[:, None] < M, other=0.0)
         if FP32_DOT:  # Triton 3.6's interpreter multiplies bf16 bit patterns as integers in tl.dot
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc)
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & live[None, :])
-
-
-@triton.jit
-def _value(words, e: tl.constexpr, code_ptr, scale):
-    return tl.load(code_ptr + _nibble(words, e)) * scale
+    store_tile(acc, out_ptr, partial_ptr, count_ptr, rows, cols, M, N, stride_om, SPLIT, BLOCK_M, BLOCK_N)
 
 
 def _nested(w: Packed) -> dict:
@@ -284,17 +334,19 @@ def launch_gemv(x: torch.Tensor, weights: list[Packed], outs: list[torch.Tensor]
         **_nested(first))
 
 
-def launch_gemm(x2: torch.Tensor, w: Packed, out: torch.Tensor, blocks: Blocks | None = None) -> None:
-    """x2 ([M, K], unit stride along K) · dequantized(w)ᵀ into out ([M, N])."""
+def launch_gemm(x2: torch.Tensor, w: Packed, out: torch.Tensor, blocks: Blocks | None = None,
+                decode: str = "", pairs: bool = PAIRS) -> None:
+    """x2 ([M, K], unit stride along K) · dequantized(w)ᵀ into out ([M, N]); `decode` as for launch_gemv;
+    `pairs`: with `decode` and bf16 x, weights scaled in bf16x2 inside the permutes (_PRMT_PAIRS)."""
     m, k = x2.shape
     n = w.shape[0]
-    blocks = blocks or gemm_blocks(m, k, k_multiple=w.blocksize)
-    grid = (triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m))
-    gemm_kernel[grid](x2, w.words, w.absmax, code_ptr=w.code, out_ptr=out, M=m, N=n, K=k, stride_xm=x2.stride(0),
-                      stride_om=out.stride(0), BLOCKSIZE=w.blocksize, BLOCK_M=blocks.block_m,
-                      BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, FP32_DOT=interpreted(gemm_kernel),
-                      PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", num_warps=blocks.warps,
-                      **_nested(w))
+    blocks, split = split_args(x2, out, blocks or gemm_blocks(m, n, k, 4, k_multiple=w.blocksize))
+    gemm_kernel[gemm_grid(m, n, blocks)](
+        x2, w.words, w.absmax, code_ptr=w.code, out_ptr=out, M=m, N=n, K=k, stride_xm=x2.stride(0),
+        stride_om=out.stride(0), BLOCKSIZE=w.blocksize, PRMT=bool(decode), TABLE=_table(decode),
+        PAIRS=pairs and bool(decode) and x2.dtype == torch.bfloat16, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        BLOCK_K=blocks.block_k, FP32_DOT=interpreted(gemm_kernel), PRECISION="ieee" if x2.dtype == torch.float32 else
+        "tf32", num_warps=blocks.warps, num_stages=blocks.stages, **split, **_nested(w))
 
 
 @torch.library.custom_op("llm_app::w4a16_linear", mutates_args=())
@@ -309,7 +361,7 @@ def linear(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torc
     if x2.shape[0] == 1:
         launch_gemv(x2, [w], [out], decode=decode)
     else:
-        launch_gemm(x2, w, out)
+        launch_gemm(x2, w, out, decode=decode)
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -8,9 +8,10 @@ column treated as an outlier column. Same stored bytes, no host sync, and each s
 weights once (half of bf16's bytes). The per-row scale is applied once per output, after the sum.
 
 Two kernels: a GEMV for one row of activations (batch-1 decode, the bandwidth-bound case; up to
-three layers sharing the input in one launch, see core.kernels.tiling) and a tiled `tl.dot` GEMM
-for more rows (batch > 1 decode, prefill). `reference` is the same math in
-PyTorch: the tests compare against it, and the quality check runs it on the CPU.
+three layers sharing the input in one launch, see core.kernels.tiling) and the tiled `tl.dot` GEMM
+of core.kernels.tiling (shared with 16-bit weights) for more rows (a batched decode step, prefill).
+`reference` is the same math in PyTorch: the tests compare against it, and the quality check runs it
+on the CPU.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from core.kernels import interpreted
-from core.kernels.tiling import (Blocks, gemm_blocks, gemv_blocks, gemv_grid, outputs, rows_of, segment, three,
-                                  three_rows)
+from core.kernels.tiling import (Blocks, gemv_blocks, gemv_grid, launch_dense_gemm, outputs, rows_of, segment,
+                                  three, three_rows)
 from core.kernels.tiling import row_dots as code_dots
 
 SCALE = 1.0 / 127.0  # CB holds round(127 · w / absmax(row))
@@ -64,30 +64,6 @@ def gemv_kernel(x_ptr, w0, w1, w2, s0, s1, s2, o0, o1, o2, N0, N1, N2, K: tl.con
                  mask=live)
 
 
-@triton.jit
-def gemm_kernel(x_ptr, cb_ptr, scb_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """Several activation rows: int8 tiles converted to x's dtype (exact: |CB| <= 127) feed tl.dot."""
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
-        w = tl.load(cb_ptr + cols.to(tl.int64)[:, None] * K + ks[None, :],
-                    mask=(cols[:, None] < N) & (ks[None, :] < K), other=0)
-        if FP32_DOT:  # Triton 3.6's interpreter multiplies bf16 bit patterns as integers in tl.dot
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-        else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-    scale = tl.load(scb_ptr + cols, mask=cols < N, other=0.0) * (1.0 / 127.0)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :],
-             (acc * scale[None, :]).to(out_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
 def launch_gemv(x: torch.Tensor, cbs: list[torch.Tensor], scbs: list[torch.Tensor], outs: list[torch.Tensor],
                 silu_pair: bool = False, blocks: Blocks | None = None) -> None:
     """One activation row x ([1, K], unit stride) against up to three weights, into outs."""
@@ -98,19 +74,6 @@ def launch_gemv(x: torch.Tensor, cbs: list[torch.Tensor], scbs: list[torch.Tenso
         BLOCK_K=blocks.block_k, SILU_PAIR=silu_pair, num_warps=blocks.warps)
 
 
-def launch_gemm(x2: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, out: torch.Tensor,
-                blocks: Blocks | None = None) -> None:
-    """x2 ([M, K], unit stride along K) · dequantized(CB)ᵀ into out ([M, N])."""
-    m, k = x2.shape
-    n = cb.shape[0]
-    blocks = blocks or gemm_blocks(m, k)
-    grid = (triton.cdiv(n, blocks.block_n), triton.cdiv(m, blocks.block_m))
-    gemm_kernel[grid](x2, cb, scb, out, m, n, k, x2.stride(0), out.stride(0),
-                      BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
-                      FP32_DOT=interpreted(gemm_kernel),
-                      PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", num_warps=blocks.warps)
-
-
 @torch.library.custom_op("llm_app::w8a16_linear", mutates_args=())
 def linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """An LLM.int8() layer's forward as W8A16. A torch op, so torch.compile and CUDA graphs hold it."""
@@ -119,7 +82,7 @@ def linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Ten
     if x2.shape[0] == 1:
         launch_gemv(x2, [cb], [scb], [out])
     else:
-        launch_gemm(x2, cb, scb, out)
+        launch_dense_gemm(x2, cb, scb, out)
     if bias is not None:
         out += bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], cb.shape[0])
