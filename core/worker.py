@@ -136,7 +136,7 @@ class Worker:
     """Runs the model's work on one thread; at most `max_pending` requests may wait."""
 
     def __init__(self, engine: Engine | None = None, max_pending: int = 32, limit_hint: str = "",
-                 max_batch: int | None = None, max_per_visitor: int | None = None) -> None:
+                 max_batch: int | None = None, max_per_visitor: int | None = None, context: int = 2560) -> None:
         self.engine = engine or Engine()
         self.max_pending = max_pending
         self.limit_hint = limit_hint
@@ -144,6 +144,7 @@ class Worker:
         batch_default, visitor_default = Serving.limits_from_env(on_gpu)
         self.max_batch = max_batch or batch_default
         self.max_per_visitor = max_per_visitor or visitor_default
+        self.context = context  # the longest chat the app allows: how much KV cache one row may need
         self.snapshot: Snapshot | None = None  # replaced whole after each exclusive job; read it from any thread
         self.serving = Serving(1, False, "")
         self._pending: deque[Job] = deque()
@@ -258,7 +259,7 @@ class Worker:
             self.snapshot, self.serving = None, Serving(1, False, "")
             return
         loaded = self.engine.current
-        self.serving = serving_of(loaded, self.max_batch)
+        self.serving = serving_of(loaded, self.max_batch, self.context)
         if self.serving.batched:
             self._batch = _new_batch(loaded)
         self.snapshot = snapshots.of(loaded, self.serving.note)

@@ -22,7 +22,8 @@ class AppContext:
     def create(cls, settings: Settings, worker: Worker | None = None) -> AppContext:
         hint = f", APP_QUEUE_SIZE={settings.limits.queue_size}"
         return cls(settings=settings,
-                   worker=worker or Worker(max_pending=settings.limits.queue_size, limit_hint=hint),
+                   worker=worker or Worker(max_pending=settings.limits.queue_size, limit_hint=hint,
+                                           context=settings.limits.max_input_tokens + settings.limits.max_new_tokens),
                    rate=RateLimiter(settings.limits.visitor_requests_per_minute))
 
     def caller(self, request: Any, profile: dict | None = None) -> Caller:

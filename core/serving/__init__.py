@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from core import fastpath, generation, loading
+from core import families, fastpath, generation, loading
 from core.errors import SpecError
 from core.serving.batch import batchable
 from core.serving.requests import ChatRequest, Finish, Piece
@@ -48,7 +48,8 @@ def _env_int(name: str, default: int) -> int:
     return int(text)
 
 
-def serving_of(loaded: loading.LoadedModel, max_batch: int) -> Serving:
+def serving_of(loaded: loading.LoadedModel, max_batch: int, context: int = 2560) -> Serving:
+    """How chats on `loaded` are served; `context` is the longest chat the app allows (input cap plus new tokens)."""
     if loaded.family.is_encoder_decoder:
         return Serving(1, False, "Chats are answered one at a time: an encoder-decoder's decoder steps carry each "
                                  "input's own encoder output, which the running batch does not merge.")
@@ -60,8 +61,26 @@ def serving_of(loaded: loading.LoadedModel, max_batch: int) -> Serving:
     why = batchable(loaded.model)
     if why:
         return Serving(1, True, f"Chats are answered one at a time: {why}.")
-    return Serving(max_batch, True, f"Chats are answered together, up to {max_batch} at a time (APP_MAX_BATCH), "
-                                    "each exactly as it would be alone.")
+    rows, room = rows_that_fit(loaded, max_batch, context)
+    return Serving(rows, True, f"Chats are answered together, up to {rows} at a time{room}, each exactly as it "
+                               "would be alone.")
+
+
+def rows_that_fit(loaded: loading.LoadedModel, max_batch: int, context: int) -> tuple[int, str]:
+    """At most `max_batch` (APP_MAX_BATCH) rows, and on a GPU no more than the KV caches of full-length chats (the
+    fit check's estimate, `context` tokens each) that fit in 80% of the memory left free after the model."""
+    if loaded.input_device.type != "cuda":
+        return max_batch, " (APP_MAX_BATCH)"
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(loaded.input_device)
+    dtype = str(next(p.dtype for p in loaded.model.parameters() if p.dtype.is_floating_point)).removeprefix("torch.")
+    per_row = families.kv_cache_bytes(loaded.model.config, context, 1, dtype)
+    fit = max(1, int(free * 0.8) // max(per_row, 1))
+    if fit >= max_batch:
+        return max_batch, " (APP_MAX_BATCH)"
+    return fit, (f" (the KV caches of {fit} chats of {context:,} tokens fit in the free GPU memory; APP_MAX_BATCH is "
+                 f"{max_batch})")
 
 
 def answer_alone(loaded: loading.LoadedModel, request: ChatRequest, emit, cancel) -> tuple:
