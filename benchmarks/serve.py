@@ -73,26 +73,22 @@ def arrivals(streams: int, poisson_rate: float | None, seed: int = 0) -> list[fl
     return times
 
 
-def through_worker(worker: Worker, prompts: list, spec: GenerationSpec, offsets: list[float]) -> list[Timing]:
-    timings = [Timing(0.0) for _ in prompts]
+def drive(count: int, offsets: list[float], follow) -> list[Timing]:
+    """Starts `follow(timing, i)` for each request at its arrival offset, on its own thread; returns the timings."""
+    timings = [Timing(0.0) for _ in range(count)]
     start = time.perf_counter()
 
-    def follow(i: int) -> None:
+    def arrive(i: int) -> None:
         delay = start + offsets[i] - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
         timing = timings[i]
         timing.arrived = time.perf_counter()
-        job = worker.submit_chat(ChatRequest(prompts[i], spec))
-        for event in job.follow(poll=0.05):
-            if isinstance(event, Chunk) and timing.first is None:
-                timing.first = time.perf_counter()
+        follow(timing, i)
         timing.ended = time.perf_counter()
-        timing.tokens = job.result.metrics.new_tokens
-        if timing.first is None:
-            timing.first = timing.ended
+        timing.first = timing.first or timing.ended
 
-    threads = [threading.Thread(target=follow, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=arrive, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -100,20 +96,24 @@ def through_worker(worker: Worker, prompts: list, spec: GenerationSpec, offsets:
     return timings
 
 
+def through_worker(worker: Worker, prompts: list, spec: GenerationSpec, offsets: list[float]) -> list[Timing]:
+    def follow(timing: Timing, i: int) -> None:
+        job = worker.submit_chat(ChatRequest(prompts[i], spec))
+        for event in job.follow(poll=0.05):
+            if isinstance(event, Chunk) and timing.first is None:
+                timing.first = time.perf_counter()
+        timing.tokens = job.result.metrics.new_tokens
+
+    return drive(len(prompts), offsets, follow)
+
+
 def through_app(url: str, key: str | None, prompts: list, spec: GenerationSpec, offsets: list[float]) -> list[Timing]:
     import httpx
 
-    timings = [Timing(0.0) for _ in prompts]
-    start = time.perf_counter()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     model = httpx.get(f"{url}v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
 
-    def follow(i: int) -> None:
-        delay = start + offsets[i] - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        timing = timings[i]
-        timing.arrived = time.perf_counter()
+    def follow(timing: Timing, i: int) -> None:
         body = {"model": model, "messages": prompts[i], "max_tokens": spec.max_new_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{url}v1/chat/completions", json=body, headers=headers, timeout=600) as reply:
@@ -125,15 +125,8 @@ def through_app(url: str, key: str | None, prompts: list, spec: GenerationSpec, 
                     timing.first = time.perf_counter()
                 if chunk.get("usage"):
                     timing.tokens = chunk["usage"]["completion_tokens"]
-        timing.ended = time.perf_counter()
-        timing.first = timing.first or timing.ended
 
-    threads = [threading.Thread(target=follow, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return timings
+    return drive(len(prompts), offsets, follow)
 
 
 def summarize(timings: list[Timing]) -> tuple[float, float, float, float]:
