@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from core import families, source
 from core.errors import BudgetTooSmallError, SpecError
-from core.placement import PlacementPlan, device_label, plan
+from core.placement import PlacementPlan, device_label, device_order, plan
 from core.spec import Device, LoadSpec
 
 
@@ -103,10 +103,10 @@ def estimate(spec: LoadSpec, context_length: int = 2048, batch_size: int = 1, co
     layers = sum(layers_on.values())
     kv_total = families.kv_cache_bytes(config, context_length, batch_size, placed.dtype)
     activations = families.activation_bytes(config, context_length, batch_size, placed.dtype)
-    first = min(placed.bytes_per_device, key=_order)
+    first = min(placed.bytes_per_device, key=device_order)
     budget = dict(placed.budget)
     devices = []
-    for device, weights in sorted(placed.bytes_per_device.items(), key=lambda kv: _order(kv[0])):
+    for device, weights in sorted(placed.bytes_per_device.items(), key=lambda kv: device_order(kv[0])):
         extra = placed.quant_state_bytes.get(device, 0) + placed.upcast_bytes.get(device, 0)
         devices.append(DeviceFit(
             device=device, weights=weights + extra, kv_cache=kv_total * layers_on.get(device, 0) // layers,
@@ -116,10 +116,6 @@ def estimate(spec: LoadSpec, context_length: int = 2048, batch_size: int = 1, co
     if with_fixes and (not report.fits or report.offloaded):
         report = replace(report, fixes=tuple(suggest_fixes(spec, context_length, batch_size, config)))
     return report
-
-
-def _order(device: Device) -> tuple[int, int]:
-    return (0, device) if isinstance(device, int) else (1, 0 if device == "cpu" else 1)
 
 
 def suggest_fixes(spec: LoadSpec, context: int, batch: int, config, limit: int = 3) -> list[Fix]:

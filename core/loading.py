@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from core import bnb_repack, families, source
 from core.errors import EngineError, OutOfMemoryError, SpecError
-from core.placement import explain_placement_error, normalize_device
+from core.placement import explain_placement_error, normalize_device, offloaded
 from core.quantization import bitsandbytes_config, describe, kept_modules, name_matcher, torch_dtype
 from core.spec import Device, LoadSpec, OnProgress, validate
 
@@ -44,10 +44,7 @@ class LoadReport:
 
     @property
     def offloaded(self) -> dict[str, Device]:
-        """Modules on the CPU or disk while others are on a GPU: the source of most speed surprises."""
-        if not any(isinstance(d, int) for d in self.device_map.values()):
-            return {}
-        return {m: d for m, d in self.device_map.items() if d in ("cpu", "disk")}
+        return offloaded(self.device_map)
 
 
 @dataclass(frozen=True)

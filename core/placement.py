@@ -48,9 +48,7 @@ class PlacementPlan:
     @property
     def offloaded(self) -> dict[str, Device]:
         """Modules that land on the CPU or disk while GPUs are in the plan."""
-        if not any(isinstance(d, int) for d in self.device_map.values()):
-            return {}
-        return {m: d for m, d in self.device_map.items() if d in ("cpu", "disk")}
+        return offloaded(self.device_map)
 
     def table(self) -> list[tuple[str, str, int]]:
         """(device, modules, bytes) rows, modules compressed to ranges like 'model.layers.0-11'."""
@@ -58,14 +56,22 @@ class PlacementPlan:
         for module, device in self.device_map.items():
             grouped[device].append(module)
         return [(device_label(d), compress_names(mods), self.bytes_per_device.get(d, 0))
-                for d, mods in sorted(grouped.items(), key=lambda kv: _device_order(kv[0]))]
+                for d, mods in sorted(grouped.items(), key=lambda kv: device_order(kv[0]))]
 
 
 def device_label(device: Device) -> str:
     return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
-def _device_order(device: Device) -> tuple[int, int]:
+def offloaded(device_map: dict[str, Device]) -> dict[str, Device]:
+    """Modules on the CPU or disk while others are on a GPU: the source of most speed surprises."""
+    if not any(isinstance(d, int) for d in device_map.values()):
+        return {}
+    return {m: d for m, d in device_map.items() if d in ("cpu", "disk")}
+
+
+def device_order(device: Device) -> tuple[int, int]:
+    """GPUs by index, then the CPU, then the disk."""
     return (0, device) if isinstance(device, int) else (1, ["cpu", "disk"].index(device) if device in ("cpu", "disk")
                                                          else 9)
 

@@ -136,3 +136,28 @@ def test_two_browser_tabs_stream_at_the_same_time(visitors_app, browser):
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # both streamed at once
     for page in pages:
         page.close()
+
+
+def test_the_page_and_v1_models_answer_while_a_load_runs(visitors_app, browser):
+    """Handlers read the worker's published snapshot, never the engine: during a load they see the model before it,
+    after it the new one, and never a half-loaded one."""
+    from playwright.sync_api import expect
+
+    from test_browser import open_page
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    owner = visitors_app.client()
+    load = owner.submit(quant="nf4", api_name="/load_model")
+    page = open_page(browser, visitors_app.url)  # opened while the load runs: it shows the model loaded before it
+    expect(page.get_by_text("Loaded", exact=False).first).to_be_visible(timeout=60_000)
+    seen = []
+    while not load.done():
+        reply = httpx.get(f"{visitors_app.url}v1/models", headers=headers, timeout=30)
+        seen.append((reply.status_code, [m["quantization"] for m in reply.json()["data"]]))
+        time.sleep(0.05)
+    assert seen and all(status == 200 and models in (["none"], ["nf4"]) for status, models in seen), seen
+    assert "4-bit NF4" in load.result(timeout=300)[0]
+    after = httpx.get(f"{visitors_app.url}v1/models", headers=headers, timeout=30).json()["data"][0]
+    assert after["quantization"] == "nf4" and after["id"] == MODEL
+    page.close()
+    owner.predict(api_name="/load_model")  # back to the default
