@@ -126,7 +126,9 @@ def parse_number(field: str, value: object, kind: type = float, low: float | Non
     except (TypeError, ValueError, OverflowError):
         raise SpecError(field, value, f"give a {'whole ' if kind is int else ''}number") from None
     if (low is not None and converted < low) or (high is not None and converted > high):
-        raise SpecError(field, value, f"use a value from {low:g} to {high:g}")
+        bounds = (f"from {low:g} to {high:g}" if low is not None and high is not None else
+                  f"of at least {low:g}" if low is not None else f"of at most {high:g}")
+        raise SpecError(field, value, f"use a value {bounds}")
     return converted
 
 

@@ -73,9 +73,9 @@ class Limits:
         calls it when that differs from the field ("message 3 of the history")."""
         check_text(field, text)
         if self.max_message_chars and len(text) > self.max_message_chars:
-            raise LimitError(f"The {name or field} is {len(text):,} characters; the limit is "
-                             f"{self.max_message_chars:,} (APP_MAX_MESSAGE_CHARS={self.max_message_chars}). Shorten it.",
-                             field)
+            limit = self.max_message_chars
+            raise LimitError(f"The {name or field} is {len(text):,} characters; the limit is {limit:,} "
+                             f"(APP_MAX_MESSAGE_CHARS={limit}). Shorten it.", field)
 
     def check_conversation(self, messages: Sequence[Mapping[str, str]], system_prompt: str | None = None,
                            field: str = "history") -> None:

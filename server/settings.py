@@ -170,7 +170,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         shared_flag=_flag("APP_SHARED"), space_id=space_id or None,
         space_author=(env.get("SPACE_AUTHOR_NAME") or None) if space_id else None,
         ignored_space_id=None if space_id else env.get("SPACE_ID") or None, trust_remote_code=args.trust_remote_code,
-        trusted_proxies=parse_proxies(env.get("APP_TRUST_PROXY"), bool(space_id), args.share), save_dir=saves.save_root(),
+        trusted_proxies=parse_proxies(env.get("APP_TRUST_PROXY"), bool(space_id), args.share),
+        save_dir=saves.save_root(),
         model_dirs=_paths(env.get("APP_MODEL_DIRS", "")), preload=args.preload, limits=Limits.from_env(),
         api=args.api, api_key=env.get("APP_API_KEY") or None,
     )

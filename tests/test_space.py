@@ -1,4 +1,4 @@
-"""The app as Hugging Face runs it on a Space, end to end: who is the owner, whose token a push uses, whose address counts.
+"""The app as Hugging Face runs it on a Space, end to end: who owns it, whose token a push uses, whose address counts.
 
 The Space app gets what a Space gets: `SYSTEM=spaces`, `SPACE_ID`, `SPACE_AUTHOR_NAME` (here the organization
 `acme`), the OAuth variables of its `hf_oauth` app and the owner's `HF_TOKEN`. Gradio then mounts the real sign-in,
@@ -53,8 +53,9 @@ def small_disk(session_dir):
 
 @pytest.fixture(scope="module")
 def space_app(checkpoint, space_hub, small_disk, session_dir):
-    env = {**space_hub.env(session_dir / "space-hf-home"), **space_hub.oauth_client(OAUTH["client_id"], OAUTH["secret"]),
-           "SYSTEM": "spaces", "SPACE_ID": "acme/quantized-llm", "SPACE_AUTHOR_NAME": "acme", "HF_TOKEN": WRITE_TOKEN,
+    env = {**space_hub.env(session_dir / "space-hf-home"),
+           **space_hub.oauth_client(OAUTH["client_id"], OAUTH["secret"]), "SYSTEM": "spaces",
+           "SPACE_ID": "acme/quantized-llm", "SPACE_AUTHOR_NAME": "acme", "HF_TOKEN": WRITE_TOKEN,
            "APP_RATE_LIMIT": "18"}
     process = AppProcess("space-app", session_dir, env, save_dir=small_disk or session_dir / "space-saves")
     yield process

@@ -40,8 +40,8 @@ def load_spec(ctx: AppContext, caller: Caller, model, revision, dtype, quant, co
         model=checked_model(caller, ctx.settings, model), revision=str(revision or "").strip() or None,
         dtype=str(dtype), quant=QuantSpec(mode=str(quant), compute_dtype=str(compute_dtype),
                                           double_quant=bool(double_quant), quant_storage=str(quant_storage),
-                                          int8_threshold=parse_number("int8_threshold", int8_threshold), skip_modules=skip,
-                                          fp32_cpu_offload=bool(fp32_cpu_offload)),
+                                          int8_threshold=parse_number("int8_threshold", int8_threshold),
+                                          skip_modules=skip, fp32_cpu_offload=bool(fp32_cpu_offload)),
         device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory), fast_path=bool(fast_path),
         fast_path_compile=bool(fast_path_compile), trust_remote_code=ctx.settings.trust_remote_code,
         use_server_token=caller.is_owner)
