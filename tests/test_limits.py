@@ -73,7 +73,7 @@ def test_row5_the_queue_and_the_visitor_rate_are_bounded(busy_app):
     still_answers(busy_app.client())
 
 
-def test_round3_row1_copied_space_settings_give_no_sign_in_and_no_owner(busy_app):
+def test_copied_space_settings_give_no_sign_in_and_no_owner(busy_app):
     with httpx.Client(base_url=busy_app.url) as http:
         login = http.get("login/huggingface", follow_redirects=True)
     assert login.status_code == 404  # Gradio's mocked sign-in, which would log anyone in as alice, is not mounted
@@ -87,7 +87,7 @@ def test_round3_row1_copied_space_settings_give_no_sign_in_and_no_owner(busy_app
     assert not busy_app.save_dir.exists() or not any(busy_app.save_dir.iterdir())
 
 
-def test_round3_row2_without_a_trusted_proxy_a_forged_address_gets_no_new_allowance(busy_app):
+def test_without_a_trusted_proxy_a_forged_address_gets_no_new_allowance(busy_app):
     from test_space import spend_the_burst
 
     visitor = busy_app.client()

@@ -25,7 +25,7 @@ from conftest import OTHER_TOKEN, ROOT, WRITE_TOKEN, AppProcess
 from test_app import answer
 
 VISITOR_REFUSED = "Only the owner of this app may"
-RATE_REFUSED = r"visitors may send 18 a minute \(APP_RATE_LIMIT=18\)"
+RATE_REFUSED = r"visitors may send 6 a minute \(APP_RATE_LIMIT=6\)"  # bursts of 2, one more each 10 s
 OAUTH = {"client_id": "space-oauth-app", "secret": "space-oauth-secret-0123456789"}
 
 
@@ -56,7 +56,7 @@ def space_app(checkpoint, space_hub, small_disk, session_dir):
     env = {**space_hub.env(session_dir / "space-hf-home"),
            **space_hub.oauth_client(OAUTH["client_id"], OAUTH["secret"]), "SYSTEM": "spaces",
            "SPACE_ID": "acme/quantized-llm", "SPACE_AUTHOR_NAME": "acme", "HF_TOKEN": WRITE_TOKEN,
-           "APP_RATE_LIMIT": "18"}
+           "APP_RATE_LIMIT": "6"}
     process = AppProcess("space-app", session_dir, env, save_dir=small_disk or session_dir / "space-saves")
     yield process
     process.stop()
@@ -91,7 +91,7 @@ def bob(space_app):
     return signed_in(space_app, OTHER_TOKEN)
 
 
-def test_row1_on_a_space_only_the_signed_in_owner_may_change_the_model(space_app, alice, bob):
+def test_on_a_space_only_the_signed_in_owner_may_change_the_model(space_app, alice, bob):
     anonymous = space_app.client()
     for visitor in (anonymous, bob):
         for api, args in (("/set_fast_path", (True,)), ("/save_model", ()), ("/quality", ())):
@@ -105,7 +105,7 @@ def test_row1_on_a_space_only_the_signed_in_owner_may_change_the_model(space_app
     assert not space_app.save_dir.exists() or not any(space_app.save_dir.iterdir())
 
 
-def test_row1_a_visitor_pushes_only_with_their_own_sign_in_into_their_own_namespace(space_app, space_hub, bob):
+def test_a_visitor_pushes_only_with_their_own_sign_in_into_their_own_namespace(space_app, space_hub, bob):
     with pytest.raises(AppError, match="Visitors may push only into their own namespace"):
         bob.predict("acme/stolen", True, "x", api_name="/push_to_hub")
     with pytest.raises(AppError, match="sign in with Hugging Face"):
@@ -116,7 +116,7 @@ def test_row1_a_visitor_pushes_only_with_their_own_sign_in_into_their_own_namesp
     assert WRITE_TOKEN not in space_app.log() and OAUTH["secret"] not in space_app.log()
 
 
-def test_row6_a_disk_that_fills_mid_save_gives_a_clear_error_and_keeps_nothing(space_app, small_disk, alice):
+def test_a_disk_that_fills_mid_save_gives_a_clear_error_and_keeps_nothing(space_app, small_disk, alice):
     if small_disk is None:
         pytest.skip("filling a disk mid-save needs a small tmpfs, which only root may mount here")
     before = sorted(p.name for p in small_disk.iterdir())  # an earlier save (the push above) is kept
@@ -148,7 +148,7 @@ def spend_the_burst(client, headers: dict) -> None:
     raise AssertionError("the visitor rate never refused a request")
 
 
-def test_row2_on_a_space_visitors_are_keyed_on_the_address_the_proxy_saw(space_app):
+def test_on_a_space_visitors_are_keyed_on_the_address_the_proxy_saw(space_app):
     visitor = space_app.client()
     spend_the_burst(visitor, {"X-Forwarded-For": "198.51.100.7"})  # what Hugging Face's proxy appends
     for forged in ("203.0.113.5", "198.51.100.8, 203.0.113.6"):  # the client's own entries come first
