@@ -126,7 +126,7 @@ def parse(ctx: AppContext, body: Any, chat: bool, defaults: GenerationSpec) -> C
             raise ApiError(400, "prompt must be a string (one prompt per request)", param="prompt")
         limits.check_message(raw, field="prompt")
         prompt = raw
-    parse_number("n", body.get("n", 1), int, 1, 1)
+    parse_number("n", 1 if body.get("n") is None else body["n"], int, 1, 1)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = limits.max_new_tokens if max_tokens is None else parse_number("max_tokens", max_tokens, int, 1)
     limits.check_new_tokens(max_tokens, field="max_tokens")

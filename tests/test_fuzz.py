@@ -138,8 +138,8 @@ def post_v1(app, path: str, body: dict) -> None:
 def test_fuzzed_v1_requests_get_completions_or_openai_shaped_refusals(shared_app):
     start = len(shared_app.log())
     for path, fields, base, examples in (
-            ("chat/completions", V1_CHAT, {"messages": [{"role": "user", "content": "Hi"}]}, 30),
-            ("completions", V1_COMPLETION, {"prompt": "The capital of France is"}, 15)):
+            ("chat/completions", V1_CHAT, {"messages": [{"role": "user", "content": "Hi"}]}, 24),
+            ("completions", V1_COMPLETION, {"prompt": "The capital of France is"}, 12)):
 
         @settings(FUZZ, max_examples=examples)
         @given(some_of(fields))
