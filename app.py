@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import sys
 
 log = logging.getLogger("app")
@@ -35,20 +36,29 @@ def login_check(settings):
     return check if settings.auth else None
 
 
+def trust_proxies(settings) -> None:
+    """uvicorn's proxy-header setting, made explicit: it reads X-Forwarded-For only from the proxies APP_TRUST_PROXY
+    names (none by default; on a Space, Hugging Face's), and takes the rightmost entry that is not one of them. Gradio
+    builds uvicorn's Config itself, which reads this variable; left unset, uvicorn would believe any loopback peer."""
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.settings import parse_args
 
     settings = parse_args(argv)
-    if settings.api_problem():
-        raise SystemExit(f"error: {settings.api_problem()}")
+    if settings.start_problem():
+        raise SystemExit(f"error: {settings.start_problem()}")
     for note in settings.warnings():
         log.warning(note)
     import gradio as gr
+    from starlette.middleware import Middleware
 
     from core import default_model
-    from ui.blocks import CSS, build
     from server.context import AppContext
+    from server.uploads import RefuseUploads
+    from ui.blocks import CSS, build
 
     ctx = AppContext.create(settings)
     if settings.preload:
@@ -66,11 +76,11 @@ def main(argv: list[str] | None = None) -> None:
 
         routes = openai_api.routes(ctx)
         log.info("OpenAI-compatible API on /v1 (%s)", "bearer key required" if settings.api_key else "no key: loopback")
+    trust_proxies(settings)
     build(ctx).launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                      app_kwargs={"routes": routes},
-                      auth=login_check(settings), blocked_paths=blocked_paths(settings),
-                      max_file_size=settings.limits.max_file_size, theme=gr.themes.Soft(), css=CSS,
-                      show_error=True)
+                      app_kwargs={"routes": routes, "middleware": [Middleware(RefuseUploads)]},
+                      auth=login_check(settings), blocked_paths=blocked_paths(settings), theme=gr.themes.Soft(),
+                      css=CSS, show_error=True)
 
 
 if __name__ == "__main__":

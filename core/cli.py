@@ -12,18 +12,19 @@ import json
 import sys
 
 from core.errors import EngineError
-from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map, parse_max_memory, parse_model
+from core.spec import (COMPUTE_DTYPES, DTYPES, QUANT_STORAGES, QUANTIZATIONS, GenerationSpec, LoadSpec, QuantSpec,
+                       parse_device_map, parse_max_memory, parse_model)
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="Hub id or local folder of a causal LM or an encoder-decoder "
                                                     "(T5, BART); empty: the embedded SmolLM2-135M")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--quant", default="none", choices=["none", "int8", "fp4", "nf4"])
-    parser.add_argument("--compute-dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--quant", default="none", choices=QUANTIZATIONS)
+    parser.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES)
     parser.add_argument("--double-quant", action="store_true")
-    parser.add_argument("--quant-storage", default="uint8")
+    parser.add_argument("--quant-storage", default="uint8", choices=QUANT_STORAGES)
     parser.add_argument("--int8-threshold", type=float, default=6.0)
     parser.add_argument("--skip-modules", default="", help="comma-separated module names left unquantized")
     parser.add_argument("--fp32-cpu-offload", action="store_true")

@@ -35,7 +35,14 @@ class SpecError(EngineError):
     def __init__(self, field: str, value: object, fix: str) -> None:
         self.field = field
         self.value = value
-        super().__init__(f"{field}={value!r} is not valid: {fix}")
+        super().__init__(f"{field}={_shown(value)} is not valid: {fix}")
+
+
+def _shown(value: object, limit: int = 120) -> str:
+    """A value as an error quotes it: its repr, cut to `limit` characters, so that a megabyte of input is never echoed
+    back (nor written to the log)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}… ({len(text):,} characters)"
 
 
 class ModelNotFoundError(EngineError):

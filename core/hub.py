@@ -22,6 +22,7 @@ from core.errors import PushError, SaveError
 from core.hub_errors import explain_hub_error
 from core.loading import LoadedModel, tokenizer_as_loaded
 from core.quantization import bitsandbytes_config
+from core.spec import EMBEDDED_HUB_ID
 
 LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "huggingface_hub", "safetensors")
 
@@ -110,7 +111,7 @@ def save(loaded: LoadedModel, folder: str | Path | None = None, facts: CardFacts
 
 def base_model_id(loaded: LoadedModel) -> str:
     if loaded.spec.is_embedded:
-        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+        return EMBEDDED_HUB_ID
     return loaded.spec.model
 
 

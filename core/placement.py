@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from core import families
-from core.errors import BudgetTooSmallError
-from core.spec import Device, LoadSpec, QuantSpec, for_planning
+from core.errors import BudgetTooSmallError, SpecError, first_line
+from core.spec import Device, LoadSpec, QuantSpec, for_planning, model_name
 
 
 @dataclass(frozen=True)
@@ -111,8 +111,12 @@ def empty_model(spec: LoadSpec, config):
 
     dtype = torch_dtype(spec.dtype)
     auto_model = families.of(config).auto_model()
-    with init_empty_weights():
-        model = auto_model.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    try:
+        with init_empty_weights():
+            model = auto_model.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    except (RuntimeError, ValueError, ArithmeticError) as error:  # sizes that contradict each other, or too big
+        raise SpecError("model", model_name(spec.model), "transformers cannot build a model from its config.json "
+                                                         f"({first_line(error, 200)})") from error
     quantizer = None
     qconfig = bitsandbytes_config(spec.quant)
     if qconfig is not None:

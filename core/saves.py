@@ -14,6 +14,7 @@ two different checkpoints never share a folder; the request never carries a path
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -127,9 +128,9 @@ def write(target: Path, fill: Callable[[Path], None], spec_fingerprint: dict, ne
         shutil.rmtree(leftover, ignore_errors=True)  # from a save that crashed or was killed
     tag = uuid.uuid4().hex[:8]
     staging = parent / f"{STAGING}{target.name}-{tag}"
-    staging.mkdir()
     replaced = parent / f"{OLD}{target.name}-{tag}"
     try:
+        staging.mkdir()
         fill(staging)
         files = manifest(staging)
         (staging / MARKER).write_text(json.dumps({"app": APP, "fingerprint": spec_fingerprint, "files": files},
@@ -138,10 +139,26 @@ def write(target: Path, fill: Callable[[Path], None], spec_fingerprint: dict, ne
         if target.exists():
             target.rename(replaced)
         staging.rename(target)
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        raise SaveError("The disk filled up during the save; the partial save was removed and any earlier save is "
+                        "kept. Free some space or set APP_SAVE_DIR to a larger disk, then save again.") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(replaced, ignore_errors=True)
     return tuple(files) + (MARKER,)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether a write failed for want of space: an OSError with ENOSPC, EDQUOT or EFBIG, or safetensors' own
+    SafetensorError, which carries only the text of the OS error."""
+    if isinstance(error, OSError):
+        return error.errno in _FULL
+    return any(f"(os error {code})" in str(error) for code in _FULL)
 
 
 def _sync(folder: Path) -> None:

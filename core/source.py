@@ -12,6 +12,7 @@ same problem.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub import constants
 from huggingface_hub import errors as hub_errors
+from huggingface_hub.errors import StrictDataclassError
 
 from core import default_model
 from core.errors import HubUnreachableError, ModelNotFoundError, SpecError, first_line
@@ -180,20 +182,61 @@ def load_config(spec: LoadSpec, progress: OnProgress | None = None, path: str | 
     `path`: the folder `resolve` returned for this spec, read instead of reaching the Hub again."""
     from transformers import AutoConfig
 
-    resolved = path is not None
-    if path is None:
-        path = str(default_model.ensure_checkpoint(progress)) if spec.is_embedded else spec.model
     with hub_errors_explained(spec):
+        if path is None:
+            path = str(default_model.ensure_checkpoint(progress)) if spec.is_embedded else \
+                _config_folder(spec) if is_hub_id(spec) else spec.model
         try:
-            return AutoConfig.from_pretrained(path, revision=None if resolved else spec.revision,
-                                              trust_remote_code=spec.trust_remote_code, token=hub_token(spec),
-                                              local_files_only=resolved or (is_hub_id(spec) and not hub_reachable()))
-        except ValueError as error:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code, local_files_only=True)
+        except (ValueError, TypeError, ArithmeticError) as error:  # ArithmeticError: a config dividing by a zero size
             if "trust_remote_code" in str(error):
                 raise SpecError("model", _shown(spec), "it needs code from its own repository, which this app runs "
                                                        "only when started with --trust-remote-code") from error
             raise SpecError("model", _shown(spec),
                             f"transformers cannot read its config.json ({first_line(error, 200)})") from error
+        except StrictDataclassError as error:  # a field of the wrong type or out of its range, e.g. a negative size
+            raise SpecError("model", _shown(spec),
+                            f"its config.json has a value transformers refuses ({first_line(error, 200)})") from error
+    check_dimensions(config, _shown(spec))
+    return config
+
+
+# The largest each kind of dimension may be. Real models stay far below (Llama-3-405B: 126 layers, 128 heads,
+# hidden 16,384, intermediate 53,248, vocabulary 128,256); a config beyond them was written to exhaust the server:
+# building even an empty model creates every layer, and some buffers (rotary tables, masks) for real. What slips
+# through (sizes that contradict each other) fails in placement.empty_model with the same kind of message.
+_DIMENSION_CAPS = ((re.compile(r"layers$"), 1024), (re.compile(r"heads$|experts"), 65_536),
+                   (re.compile(r"^vocab_size$"), 1 << 22), (re.compile(r"positions|position_embeddings"), 1 << 24),
+                   (re.compile(r"size$|dim$|^d_(model|ff|kv)$"), 1 << 18))
+
+
+def check_dimensions(config, shown: str) -> None:
+    """Refuses a config whose sizes (layers, heads, widths, vocabulary, positions; in nested configs too) are negative
+    or beyond _DIMENSION_CAPS, before anything is built from it."""
+    for key, value in _dimensions(config.to_dict()):
+        cap = next((cap for pattern, cap in _DIMENSION_CAPS if pattern.search(key)), None)
+        if cap is not None and not 0 <= value <= cap:
+            raise SpecError("model", shown, f"its config.json sets {key}={value}, outside 0..{cap:,}; this app loads "
+                                            "models whose sizes real models have")
+
+
+def _dimensions(values: dict, depth: int = 0) -> Iterator[tuple[str, int]]:
+    for key, value in values.items():
+        if isinstance(value, dict) and depth < 3:
+            yield from _dimensions(value, depth + 1)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield key, value
+
+
+def _config_folder(spec: LoadSpec) -> str:
+    """A Hub model's config.json (with trust_remote_code, also its code) fetched into the Hub cache; that folder, never
+    the id itself, is what transformers reads. Given an id, transformers would first read a folder of that name under
+    the working directory, so 'models/secret-llama' would reach the server's files."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json"] + (["*.py"] if spec.trust_remote_code else [])
+    return snapshot_download(spec.model, revision=spec.revision, token=hub_token(spec), allow_patterns=patterns,
+                             local_files_only=not hub_reachable())
 
 
 def _shown(spec: LoadSpec) -> str:

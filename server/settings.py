@@ -1,13 +1,20 @@
-"""Launch options: where the app listens, who may log in, who owns it, and the limits; read once at start.
+"""Launch options: where the app listens, who may log in, who owns it, whose proxies it trusts, and the limits; read
+once at start.
 
 Each option has a command-line flag and an environment variable (the flag wins). The app is
-*shared* when it listens beyond loopback, has `--share`, runs on a Space (`SPACE_ID`), or
-`APP_SHARED=1` is set (behind a reverse proxy, or in tests); unshared, its one user is the owner.
+*shared* when it listens beyond loopback, has `--share`, runs on a Space, or `APP_SHARED=1` is set
+(behind a reverse proxy, or in tests); unshared, its one user is the owner.
+
+The app runs on a Space exactly when Gradio thinks so (`gradio.utils.get_space()`: `SYSTEM=spaces` and
+`SPACE_ID`, which Hugging Face sets): that is when Gradio mounts the real Hugging Face sign-in. Anywhere
+else Gradio would mount a mocked sign-in that logs anyone in as the user behind the server's token, so
+outside a Space the app offers no sign-in at all and no profile counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -37,6 +44,33 @@ def parse_auth(text: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+PRIVATE_NETWORKS = (*LOOPBACK, "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+"""Where a reverse proxy of this machine or its network connects from; on a Space, Hugging Face's proxy (10.x)."""
+OAUTH_VARIABLES = ("OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "OAUTH_SCOPES", "OPENID_PROVIDER_URL")
+
+
+def parse_proxies(text: str | None, on_space: bool, share: bool) -> tuple[str, ...]:
+    """APP_TRUST_PROXY -> the proxies whose X-Forwarded-For is believed: 1 PRIVATE_NETWORKS, or a comma-separated
+    list of addresses and networks ('10.0.0.5, 172.18.0.0/16'). Unset: none, except on a Space (its proxy, on
+    PRIVATE_NETWORKS) and with --share (the link's tunnel client, which runs on this machine)."""
+    value = (text or "").strip()
+    if not value:
+        return PRIVATE_NETWORKS if on_space else LOOPBACK if share else ()
+    if value.lower() in ("0", "false", "no", "off"):
+        return ()
+    if value.lower() in ("1", "true", "yes", "on"):
+        return PRIVATE_NETWORKS
+    proxies = tuple(p.strip() for p in value.split(",") if p.strip())
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise SystemExit(f"APP_TRUST_PROXY={value!r}: {proxy!r} is not an address or a network; give 1 (a proxy "
+                             "on this machine or its private network) or addresses like '10.0.0.5, 172.18.0.0/16'")
+    return proxies
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -54,10 +88,11 @@ class Settings:
     auth: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # passwords never reach a log line
     owners: frozenset[str] = frozenset()
     shared_flag: bool = False  # APP_SHARED=1
-    space_id: str | None = None  # SPACE_ID, set by Hugging Face on a Space
+    space_id: str | None = None  # SPACE_ID on a Space (see the module's docstring), else None
     space_author: str | None = None  # SPACE_AUTHOR_NAME: the user or organization that owns the Space
+    ignored_space_id: str | None = None  # SPACE_ID set where Gradio sees no Space (a copied configuration)
     trust_remote_code: bool = False
-    trust_proxy: bool = False  # APP_TRUST_PROXY=1: take visitors' addresses from X-Forwarded-For
+    trusted_proxies: tuple[str, ...] = ()  # APP_TRUST_PROXY: whose X-Forwarded-For names the visitor (see below)
     save_dir: Path = field(default_factory=saves.save_root)
     model_dirs: tuple[Path, ...] = ()
     preload: bool = True
@@ -65,11 +100,21 @@ class Settings:
     api: bool = False  # --api / APP_OPENAI_API=1: the OpenAI-compatible endpoint under /v1
     api_key: str | None = field(default=None, repr=False)  # APP_API_KEY: the bearer key it requires
 
-    def api_problem(self) -> str | None:
-        """Why the API may not start as configured: a shared deployment or a login without a key."""
+    def start_problem(self) -> str | None:
+        """Why the app may not start as configured: an API that would bypass the login, or a Space whose sign-in
+        cannot work (so nobody could ever be its owner)."""
         if self.api and not self.api_key and (self.shared or self.auth):
             return ("--api on a shared app (or one with --auth) needs APP_API_KEY: without a key the endpoint "
                     "would open a way around the login to anyone who can reach it.")
+        if self.on_space:
+            missing = [name for name in OAUTH_VARIABLES if not os.environ.get(name)]
+            if missing:
+                return (f"This Space has no Hugging Face sign-in ({', '.join(missing)} not set): add `hf_oauth: true` "
+                        "to the front matter of its README.md, as space/README.md has it.")
+            absent = [name for name in ("authlib", "itsdangerous") if importlib.util.find_spec(name) is None]
+            if absent:
+                return (f"The Hugging Face sign-in needs {' and '.join(absent)}: install the requirements "
+                        "(gradio[oauth]), as requirements.txt and space/requirements.txt list them.")
         return None
 
     @property
@@ -89,6 +134,9 @@ class Settings:
         if self.shared and not self.on_space and not (self.auth and self.owners):
             notes.append("No owner can sign in to this shared app (it needs --auth and APP_OWNERS): loading, "
                          "saving and pushing are off for everyone; the model set at start stays loaded.")
+        if self.ignored_space_id:
+            notes.append(f"SPACE_ID={self.ignored_space_id} is set, but this is not a Hugging Face Space (SYSTEM is "
+                         "not 'spaces'): Hugging Face sign-in is off here and nobody becomes the owner through it.")
         if self.trust_remote_code:
             notes.append("--trust-remote-code is on: loading a model may run code from its repository.")
         return notes
@@ -113,12 +161,17 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         default=env.get("APP_PRELOAD", "1") != "0",
                         help="start without loading the default model (APP_PRELOAD=0)")
     args = parser.parse_args(argv)
+    from gradio.utils import get_space
+
+    space_id = get_space()
     return Settings(
         host=args.host, port=args.port, share=args.share, auth=parse_auth(args.auth),
         owners=frozenset(o.strip() for o in args.owners.split(",") if o.strip()),
-        shared_flag=_flag("APP_SHARED"), space_id=env.get("SPACE_ID") or None,
-        space_author=env.get("SPACE_AUTHOR_NAME") or None, trust_remote_code=args.trust_remote_code,
-        trust_proxy=_flag("APP_TRUST_PROXY"), save_dir=saves.save_root(),
+        shared_flag=_flag("APP_SHARED"), space_id=space_id or None,
+        space_author=(env.get("SPACE_AUTHOR_NAME") or None) if space_id else None,
+        ignored_space_id=None if space_id else env.get("SPACE_ID") or None, trust_remote_code=args.trust_remote_code,
+        trusted_proxies=parse_proxies(env.get("APP_TRUST_PROXY"), bool(space_id), args.share),
+        save_dir=saves.save_root(),
         model_dirs=_paths(env.get("APP_MODEL_DIRS", "")), preload=args.preload, limits=Limits.from_env(),
         api=args.api, api_key=env.get("APP_API_KEY") or None,
     )

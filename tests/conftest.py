@@ -253,13 +253,17 @@ def client(app):
     return app.client()
 
 
+SHARED_API_KEY = "sk-shared-0123456789"
+
+
 @pytest.fixture(scope="session")
 def shared_app(checkpoint, hub_server, session_dir):
-    """A shared app (APP_SHARED=1, no login): everyone is an anonymous visitor. The owner's HF_TOKEN is in its
-    environment and its save folder inside Gradio's temp folder, the worst place it could be."""
+    """A shared app (APP_SHARED=1, no login, --api with a key): everyone is an anonymous visitor. The owner's HF_TOKEN
+    is in its environment and its save folder inside Gradio's temp folder, the worst place it could be."""
     gradio_tmp = session_dir / "shared-gradio-tmp"
     env = {**hub_server.env(session_dir / "shared-hf-home"), "HF_TOKEN": WRITE_TOKEN, "APP_SHARED": "1",
-           "GRADIO_TEMP_DIR": str(gradio_tmp), "APP_RATE_LIMIT": "0"}
+           "GRADIO_TEMP_DIR": str(gradio_tmp), "APP_RATE_LIMIT": "0", "APP_OPENAI_API": "1",
+           "APP_API_KEY": SHARED_API_KEY}
     process = AppProcess("shared-app", session_dir, env, save_dir=gradio_tmp / "saves")
     process.gradio_tmp = gradio_tmp
     yield process

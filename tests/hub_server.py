@@ -20,6 +20,12 @@ Implemented subset (repo types model, dataset and space; writes go to the ``main
   (``localhost`` <-> ``127.0.0.1``), so the client treats it as a foreign host and drops the token, as it does
   with the Hub's real CDN.
 * ``POST /api/validate-yaml``: parses the card's front matter with PyYAML (400 with ``errors`` if invalid).
+* Sign-in with Hugging Face, as a Space's ``hf_oauth`` uses it (OpenID Connect, authorization-code flow): ``GET
+  /.well-known/openid-configuration``, ``GET /oauth/authorize`` (the user signed in at the Hub is the bearer of the
+  request, where a browser would carry the Hub's session cookie; answers with a redirect carrying a one-time code),
+  ``POST /oauth/token`` (client secret by HTTP Basic; returns an access token the API above then accepts for that
+  user, and an RS256-signed ``id_token`` with the profile and ``orgs``) and ``GET /oauth/jwks``. Register a Space's
+  OAuth app with ``oauth_client()``, organizations with ``orgs``.
 
 Errors carry the ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) and ``X-Error-Message``
 headers plus a JSON ``{"error": ...}`` body: that is what the client maps to its exception classes. Private repos
@@ -48,7 +54,7 @@ from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 try:
     import yaml
@@ -134,6 +140,7 @@ class _Request:
     body: bytes
     base: str  # http://host:port, as the client addressed us
     user: str | None  # owner of a valid bearer token, if one was sent
+    client_auth: str | None = None  # the Authorization header of an OAuth app's token request
 
     def json(self) -> Any:
         try:
@@ -179,6 +186,10 @@ class HubServer:
         self._blobs: dict[str, bytes] = {}
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(16)
+        self.orgs: dict[str, list[str]] = {}  # user -> the organizations the id_token says they belong to
+        self._oauth_clients: dict[str, str] = {}  # client id -> secret
+        self._codes: dict[str, dict[str, str]] = {}  # one-time authorization codes
+        self._signing_key: Any = None  # RSA key for id_tokens, made on first use (joserfc comes with authlib)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         if self.root is not None:
@@ -197,6 +208,10 @@ class HubServer:
             ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", self._lfs_put),
             ("GET HEAD", r"/cdn-lfs/(?P<oid>[0-9a-f]{64})", self._cdn),
             ("GET HEAD", _WEB + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", self._resolve),
+            ("GET", r"/\.well-known/openid-configuration", self._openid_configuration),
+            ("GET", r"/oauth/authorize", self._authorize),
+            ("POST", r"/oauth/token", self._token),
+            ("GET", r"/oauth/jwks", self._jwks),
         ]
         self._routes = [(methods.split(), re.compile(pattern), handler) for methods, pattern, handler in routes]
 
@@ -269,6 +284,12 @@ class HubServer:
     def list_files(self, repo_id: str, repo_type: str = "model", revision: str = "main") -> list[str]:
         return sorted(self.repos[(repo_type, repo_id)].resolve(revision)[1])
 
+    def oauth_client(self, client_id: str, secret: str) -> dict[str, str]:
+        """Registers a Space's OAuth app; returns the variables Hugging Face sets in such a Space."""
+        self._oauth_clients[client_id] = secret
+        return {"OAUTH_CLIENT_ID": client_id, "OAUTH_CLIENT_SECRET": secret, "OPENID_PROVIDER_URL": self.url,
+                "OAUTH_SCOPES": "openid profile write-repos manage-repos"}
+
     # ------------------------------------------------------------------ storage
     def _store(self, data: bytes, lfs: bool) -> FileEntry:
         sha = hashlib.sha256(data).hexdigest()
@@ -318,9 +339,11 @@ class HubServer:
                 if method in methods and (match := pattern.fullmatch(path)):
                     params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
                     signed = handler in (self._lfs_put, self._cdn)  # token-less, signed URLs
-                    user = None if signed else self._user(headers.get("Authorization"))
+                    client = handler == self._token  # authenticates an OAuth app (HTTP Basic), not a user
+                    user = None if signed or client else self._user(headers.get("Authorization"))
                     base = f"http://{headers.get('Host', f'{self.host}:{self.port}')}"
-                    return handler(_Request(dict(parse_qsl(query)), body, base, user), params)
+                    return handler(_Request(dict(parse_qsl(query)), body, base, user,
+                                            headers.get("Authorization") if client else None), params)
             raise HubError(404, f"Route not found: {method} {path}")
         except HubError as exc:
             return exc.response()
@@ -566,6 +589,65 @@ class HubServer:
                 del tree[f]
         else:
             raise HubError(400, f"Unsupported commit operation: {key}")
+
+
+    # ------------------------------------------------------------------ routes: sign-in with Hugging Face (OpenID)
+    def _openid_configuration(self, req: _Request, params: dict[str, str]) -> Response:
+        return _json({"issuer": self.url, "authorization_endpoint": f"{self.url}/oauth/authorize",
+                      "token_endpoint": f"{self.url}/oauth/token", "jwks_uri": f"{self.url}/oauth/jwks",
+                      "response_types_supported": ["code"], "id_token_signing_alg_values_supported": ["RS256"],
+                      "token_endpoint_auth_methods_supported": ["client_secret_basic"]})
+
+    def _authorize(self, req: _Request, params: dict[str, str]) -> Response:
+        query = req.query
+        if query.get("client_id") not in self._oauth_clients or query.get("response_type") != "code":
+            raise HubError(400, "Unknown OAuth app or response type")
+        if req.user is None:
+            raise HubError(401, "Sign in to the Hub first")
+        code = secrets.token_urlsafe(16)
+        with self._lock:
+            self._codes[code] = {"user": req.user, "client_id": query["client_id"], "scope": query.get("scope", ""),
+                                 "redirect_uri": query["redirect_uri"], "nonce": query.get("nonce", "")}
+        separator = "&" if "?" in query["redirect_uri"] else "?"
+        location = query["redirect_uri"] + separator + urlencode({"code": code, "state": query.get("state", "")})
+        return 302, {"Location": location}, b""
+
+    def _token(self, req: _Request, params: dict[str, str]) -> Response:
+        scheme, _, encoded = (req.client_auth or "").partition(" ")
+        client_id, _, secret = base64.b64decode(encoded or "").decode().partition(":") if scheme == "Basic" else \
+            ("", "", "")
+        if not client_id or not hmac.compare_digest(self._oauth_clients.get(client_id, ""), secret):
+            raise HubError(401, "Invalid OAuth client credentials")
+        form = dict(parse_qsl(req.body.decode()))
+        with self._lock:
+            grant = self._codes.pop(form.get("code", ""), None)
+        if grant is None or grant["client_id"] != client_id or grant["redirect_uri"] != form.get("redirect_uri"):
+            raise HubError(400, "Invalid or used authorization code")
+        token = f"hf_oauth_{secrets.token_hex(16)}"
+        self.tokens[token] = grant["user"]
+        user, now = grant["user"], int(time.time())
+        claims = {"iss": self.url, "sub": hashlib.md5(user.encode()).hexdigest()[:24], "aud": client_id, "iat": now,
+                  "exp": now + 3600, "nonce": grant["nonce"], "name": user, "preferred_username": user,
+                  "profile": f"{self.url}/{user}", "picture": f"{self.url}/avatars/{user}.png",
+                  "orgs": [{"sub": org, "preferred_username": org, "name": org} for org in self.orgs.get(user, [])]}
+        return _json({"access_token": token, "token_type": "bearer", "expires_in": 3600, "scope": grant["scope"],
+                      "id_token": self._sign_id_token(claims)})
+
+    def _jwks(self, req: _Request, params: dict[str, str]) -> Response:
+        return _json({"keys": [self._key().as_dict(private=False)]})
+
+    def _key(self) -> Any:
+        from joserfc.jwk import RSAKey
+
+        with self._lock:
+            if self._signing_key is None:
+                self._signing_key = RSAKey.generate_key(2048, parameters={"kid": "hub", "use": "sig", "alg": "RS256"})
+            return self._signing_key
+
+    def _sign_id_token(self, claims: dict[str, Any]) -> str:
+        from joserfc import jwt
+
+        return jwt.encode({"alg": "RS256", "kid": "hub"}, claims, self._key())
 
 
 class _HTTPServer(ThreadingHTTPServer):

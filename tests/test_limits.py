@@ -7,13 +7,16 @@ Each test checks that nothing was lost afterwards: the model still answers, the 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
+import httpx
 import pytest
+from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from conftest import QUESTION, AppProcess, tiny_model
+from conftest import QUESTION, WRITE_TOKEN, AppProcess, tiny_model
 from test_app import STORY, answer, content
 
 
@@ -38,9 +41,14 @@ def test_row5_oversized_input_is_refused_with_its_limit_and_others_are_served(sh
 
 
 @pytest.fixture(scope="module")
-def busy_app(checkpoint, session_dir):
-    """A visitor app with a tiny queue and a low rate, to reach both limits."""
-    process = AppProcess("busy-app", session_dir, {"APP_SHARED": "1", "APP_QUEUE_SIZE": "2", "APP_RATE_LIMIT": "12"})
+def busy_app(checkpoint, hub_server, session_dir):
+    """A visitor app with a tiny queue and a low rate, to reach both limits. It also carries a Space's settings copied
+    to a machine that is not a Space (SPACE_ID, SPACE_AUTHOR_NAME, the OAuth variables, no SYSTEM=spaces), with the
+    owner's HF_TOKEN: where Gradio would mount its mocked sign-in, which logs anyone in as the token's user."""
+    env = {**hub_server.env(session_dir / "busy-hf-home"), **hub_server.oauth_client("copied", "copied-secret"),
+           "SPACE_ID": "alice/quantized-llm", "SPACE_AUTHOR_NAME": "alice", "HF_TOKEN": WRITE_TOKEN,
+           "APP_SHARED": "1", "APP_QUEUE_SIZE": "2", "APP_RATE_LIMIT": "12"}
+    process = AppProcess("busy-app", session_dir, env)
     yield process
     process.stop()
 
@@ -63,6 +71,30 @@ def test_row5_the_queue_and_the_visitor_rate_are_bounded(busy_app):
     assert all("Paris" in content(job.result(timeout=60)[0][-1]) for job in waiting)
     time.sleep(5.5)  # one request's worth of the rate comes back
     still_answers(busy_app.client())
+
+
+def test_copied_space_settings_give_no_sign_in_and_no_owner(busy_app):
+    with httpx.Client(base_url=busy_app.url) as http:
+        login = http.get("login/huggingface", follow_redirects=True)
+    assert login.status_code == 404  # Gradio's mocked sign-in, which would log anyone in as alice, is not mounted
+    set_cookies = [c for r in (*login.history, login) for c in r.headers.get_list("set-cookie")]
+    sessions = [m.group(1) for c in set_cookies if (m := re.match(r"session=([^;]+)", c))]
+    visitor = Client(busy_app.url, headers={"Cookie": f"session={sessions[-1]}"} if sessions else {}, verbose=False)
+    for api, args in (("/set_fast_path", (True,)), ("/save_model", ())):
+        with pytest.raises(AppError, match="Only the owner of this app may"):
+            visitor.predict(*args, api_name=api)
+    assert "SPACE_ID=alice/quantized-llm is set, but this is not a Hugging Face Space" in busy_app.log()
+    assert not busy_app.save_dir.exists() or not any(busy_app.save_dir.iterdir())
+
+
+def test_without_a_trusted_proxy_a_forged_address_gets_no_new_allowance(busy_app):
+    from test_space import spend_the_burst
+
+    visitor = busy_app.client()
+    spend_the_burst(visitor, {})
+    for forged in ("203.0.113.5", "203.0.113.6, 198.51.100.7"):  # uvicorn would believe these from a loopback peer
+        with pytest.raises(AppError, match=r"visitors may send 12 a minute \(APP_RATE_LIMIT=12\)"):
+            visitor.predict(message="", api_name="/generate", headers={"X-Forwarded-For": forged})
 
 
 # ----------------------------------------------------------------------------- rows 7 and 8: loads that fail
@@ -149,7 +181,8 @@ def test_row10_missing_revision_and_malformed_history(client, hub_server):
         hub_server.add_files("alice/revisioned", {"config.json": json.dumps({"model_type": "llama"}).encode()})
     with pytest.raises(AppError, match="has no revision 'nope'"):
         client.predict(model="alice/revisioned", revision="nope", api_name="/plan")
-    with pytest.raises(AppError, match="validation error for ChatbotDataMessages") as malformed:  # Gradio's own check
-        client.predict(message=QUESTION, history=[{"role": "wizard", "content": "x"}], api_name="/generate")
-    assert "Unexpected" not in str(malformed.value)
+    for history in ([{"role": "wizard", "content": "x"}], {"role": "user"}, ["hi"]):
+        with pytest.raises(AppError, match=r"history=.* is not valid: send a list of \{'role': 'user'") as malformed:
+            client.predict(message=QUESTION, history=history, api_name="/generate")
+        assert "Unexpected" not in str(malformed.value) and "pydantic" not in str(malformed.value)
     still_answers(client)

@@ -1,7 +1,8 @@
-"""The access policy alone: who is the owner in each deployment, what each role may do, whose token a push uses.
+"""The access policy alone: who is the owner in each deployment, what each role may do, whose token a push uses,
+whose proxies are believed.
 
-Space sign-in cannot run here (it needs Hugging Face's OAuth server), so its decisions are tested on
-the profile dictionaries that OAuth hands to the app.
+The same decisions are replayed through real requests in test_access.py, test_limits.py and, for a Space with its
+real sign-in against the local Hub server, test_space.py.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import pytest
 
 from core.spec import EMBEDDED_MODEL
 from server.access import (Action, AccessDenied, Caller, Role, VISITOR_ACTIONS, checked_model, identify, may,
-                           push_token, redact_paths)
-from server.settings import Settings, is_loopback
+                           push_token, redact_paths, uploads_dir)
+from server.settings import LOOPBACK, PRIVATE_NETWORKS, Settings, is_loopback, parse_proxies
 
 LOCAL = Settings()
 EXPOSED = Settings(host="0.0.0.0")
@@ -59,6 +60,22 @@ def test_which_models_a_caller_may_name(tmp_path, checkpoint):
         checked_model(owner, LOGINS, str(checkpoint))
     inside = Settings(shared_flag=True, model_dirs=(checkpoint.parent,))
     assert checked_model(owner, inside, str(checkpoint)) == str(checkpoint)
+    uploaded = uploads_dir() / "some-upload"
+    uploaded.mkdir(parents=True, exist_ok=True)
+    (uploaded / "config.json").write_text("{}")
+    with pytest.raises(AccessDenied, match="upload area"):
+        checked_model(owner, LOCAL, str(uploaded))  # not even the owner of a local app: anyone can write there
+
+
+def test_whose_forwarded_addresses_are_believed():
+    assert parse_proxies(None, on_space=False, share=False) == ()  # no proxy: the peer is the visitor
+    assert parse_proxies("", on_space=True, share=False) == PRIVATE_NETWORKS  # Hugging Face's proxy
+    assert parse_proxies(None, on_space=False, share=True) == LOOPBACK  # the share link's tunnel client
+    assert parse_proxies("1", on_space=False, share=False) == PRIVATE_NETWORKS
+    assert parse_proxies("0", on_space=True, share=True) == ()
+    assert parse_proxies("10.0.0.5, 172.18.0.0/16", on_space=False, share=False) == ("10.0.0.5", "172.18.0.0/16")
+    with pytest.raises(SystemExit, match="'proxy.example' is not an address or a network"):
+        parse_proxies("10.0.0.5, proxy.example", on_space=False, share=False)
 
 
 def test_whose_token_a_push_uses(monkeypatch):

@@ -16,14 +16,13 @@ import gradio as gr
 
 from core import fastpath, generation
 from core.errors import SpecError
-from core.spec import GenerationSpec
 from core.serving.requests import ChatRequest
+from core.spec import GenerationSpec, parse_number
 from core.worker import Chunk, Queued
 from server.access import Action
 from ui import jobs, render
 from server.context import AppContext, session_of
 from ui.errors import user_errors
-from ui.model_tab import number
 
 _FOOTER = re.compile(r"\n\n\*(?:stopped · )?answered by [^\n]*\*\s*$")
 ROLES = ("user", "assistant", "system")
@@ -64,13 +63,13 @@ def with_footer(text: str, by: str, stopped: bool) -> str:
 
 def generation_spec(ctx: AppContext, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed,
                     system_prompt) -> GenerationSpec:
-    new_tokens = number("max_new_tokens", max_new_tokens, int)
+    new_tokens = parse_number("max_new_tokens", max_new_tokens, int)
     ctx.settings.limits.check_new_tokens(new_tokens)
-    seed_value = None if seed in (None, "") else number("seed", seed, int)
+    seed_value = None if seed in (None, "") else parse_number("seed", seed, int)
     return GenerationSpec(max_new_tokens=new_tokens, greedy=bool(greedy),
-                          temperature=number("temperature", temperature), top_p=number("top_p", top_p),
-                          top_k=number("top_k", top_k, int),
-                          repetition_penalty=number("repetition_penalty", repetition_penalty),
+                          temperature=parse_number("temperature", temperature), top_p=parse_number("top_p", top_p),
+                          top_k=parse_number("top_k", top_k, int),
+                          repetition_penalty=parse_number("repetition_penalty", repetition_penalty),
                           seed=None if seed_value == -1 else seed_value,
                           system_prompt=str(system_prompt or "").strip() or None)
 
@@ -118,9 +117,10 @@ def build(ctx: AppContext) -> ChatTab:
         if not text.strip():
             raise SpecError("message", text, "type a message first")
         limits.check_message(text)
+        conversation = conversation_of(history) + [{"role": "user", "content": text}]
+        limits.check_conversation(conversation, str(system_prompt or ""))
         spec = generation_spec(ctx, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed,
                                system_prompt)
-        conversation = conversation_of(history) + [{"role": "user", "content": text}]
 
         caller = ctx.caller(request, profile)
         job = ctx.worker.submit_chat(ChatRequest(conversation, spec, visitor=None if caller.is_owner else caller.key,
@@ -187,7 +187,10 @@ def build(ctx: AppContext) -> ChatTab:
                         "fast path", request)
 
     api_send = gr.Button(visible=False)  # the API's /generate takes the message itself; the UI's Send goes via State
-    api_send.click(generate, [message, chatbot, *sampling], [chatbot, status], api_name="generate",
+    # The API's history is plain JSON, checked by conversation_of: the Chatbot's own schema would refuse the README's
+    # {"role", "content": "text"} messages with a raw validation error, and parse a huge history before any limit.
+    api_history = gr.JSON(visible=False)
+    api_send.click(generate, [message, api_history, *sampling], [chatbot, status], api_name="generate",
                    concurrency_limit=None)
     for trigger in (send.click, message.submit):
         trigger(take_message, message, [message, pending], queue=False, api_visibility="private").then(

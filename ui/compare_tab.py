@@ -11,12 +11,11 @@ import gradio as gr
 from core import compare as core_compare
 from core import quality
 from core.errors import SpecError
-from core.spec import QUANTIZATIONS
+from core.spec import QUANTIZATIONS, parse_number
 from server.access import Action
 from ui import jobs, render
 from server.context import AppContext
 from ui.errors import user_errors
-from ui.model_tab import number
 
 
 def build(ctx: AppContext) -> dict:
@@ -47,7 +46,7 @@ def build(ctx: AppContext) -> dict:
         unknown = [v for v in chosen if v not in QUANTIZATIONS]
         if unknown:
             raise SpecError("variants", unknown, f"choose from {', '.join(QUANTIZATIONS)}")
-        tokens = number("max_new_tokens", max_new_tokens, int)
+        tokens = parse_number("max_new_tokens", max_new_tokens, int)
         limits.check_new_tokens(tokens)
         rows = jobs.run(ctx, lambda engine, job: core_compare.compare(engine, text, chosen, tokens,
                                                                       progress=job.progress),

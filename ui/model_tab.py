@@ -13,16 +13,15 @@ from dataclasses import dataclass
 import gradio as gr
 
 from core import fit, loading, placement
-from core.errors import SpecError
-from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map, parse_max_memory
+from core.spec import (COMPUTE_DTYPES, DEVICE_MAP_NAMES, DTYPES, QUANT_LABELS, QUANT_STORAGES, GenerationSpec,
+                       LoadSpec, QuantSpec, parse_device_map, parse_max_memory, parse_number)
 from server.access import Action, Caller, checked_model
 from ui import jobs, render
 from server.context import AppContext
 from ui.errors import user_errors
 
 OUTDATED = "**Outdated**: the form has changed since this was computed; press the button again.\n\n"
-QUANT_CHOICES = [("none (full precision)", "none"), ("LLM.int8() 8-bit", "int8"), ("FP4 4-bit", "fp4"),
-                 ("NF4 4-bit", "nf4")]
+QUANT_CHOICES = [(label, mode) for mode, label in QUANT_LABELS.items()]
 
 
 @dataclass
@@ -33,19 +32,6 @@ class ModelTab:
     load_handler: object = None  # wired in ui.blocks: its outputs include the Generate tab's sampling controls
 
 
-def number(field: str, value, kind=float):
-    """A form number as `kind`, or a SpecError naming the field (the API may send anything)."""
-    try:
-        if value is None or isinstance(value, bool):
-            raise TypeError
-        converted = kind(value)
-        if kind is int and converted != float(value):
-            raise ValueError
-        return converted
-    except (TypeError, ValueError, OverflowError):
-        raise SpecError(field, value, f"give a {'whole ' if kind is int else ''}number") from None
-
-
 def load_spec(ctx: AppContext, caller: Caller, model, revision, dtype, quant, compute_dtype, double_quant,
               quant_storage, int8_threshold, skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path,
               fast_path_compile) -> LoadSpec:
@@ -54,8 +40,8 @@ def load_spec(ctx: AppContext, caller: Caller, model, revision, dtype, quant, co
         model=checked_model(caller, ctx.settings, model), revision=str(revision or "").strip() or None,
         dtype=str(dtype), quant=QuantSpec(mode=str(quant), compute_dtype=str(compute_dtype),
                                           double_quant=bool(double_quant), quant_storage=str(quant_storage),
-                                          int8_threshold=number("int8_threshold", int8_threshold), skip_modules=skip,
-                                          fp32_cpu_offload=bool(fp32_cpu_offload)),
+                                          int8_threshold=parse_number("int8_threshold", int8_threshold),
+                                          skip_modules=skip, fp32_cpu_offload=bool(fp32_cpu_offload)),
         device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory), fast_path=bool(fast_path),
         fast_path_compile=bool(fast_path_compile), trust_remote_code=ctx.settings.trust_remote_code,
         use_server_token=caller.is_owner)
@@ -68,21 +54,19 @@ def build(ctx: AppContext) -> ModelTab:
                            info="A causal LM (Llama, Qwen, SmolLM, ...) or an encoder-decoder (T5, Flan-T5, BART, "
                                 "...): the kind is read from its config.")
         revision = gr.Textbox(label="Revision (Hub models)", value="", placeholder="main", scale=1)
-        dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype", scale=1)
+        dtype = gr.Dropdown(list(DTYPES), value="auto", label="dtype", scale=1)
     quant = gr.Radio(QUANT_CHOICES, value="none", label="Quantization (bitsandbytes)")
     with gr.Accordion("Quantization settings", open=False):
         with gr.Row():
-            compute_dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto",
-                                        label="4-bit compute dtype")
+            compute_dtype = gr.Dropdown(list(COMPUTE_DTYPES), value="auto", label="4-bit compute dtype")
             double_quant = gr.Checkbox(label="4-bit double quantization", value=False)
-            quant_storage = gr.Dropdown(["uint8", "bfloat16", "float16", "float32"], value="uint8",
-                                        label="4-bit quant storage")
+            quant_storage = gr.Dropdown(list(QUANT_STORAGES), value="uint8", label="4-bit quant storage")
         with gr.Row():
             int8_threshold = gr.Number(value=6.0, label="LLM.int8() outlier threshold")
             skip_modules = gr.Textbox(label="Modules to skip (comma-separated)", value="", placeholder="lm_head")
             fp32_cpu_offload = gr.Checkbox(label="fp32 CPU offload", value=False)
     with gr.Row():
-        device_map = gr.Dropdown(["auto", "balanced", "sequential", "cpu", "cuda:0"], value="auto",
+        device_map = gr.Dropdown([*DEVICE_MAP_NAMES, "cuda:0"], value="auto",
                                  allow_custom_value=True, label="Device map")
         max_memory = gr.Textbox(label="Max memory per device", value="", placeholder="0=600MB, 1=1GiB, cpu=8GB")
         fast_path = gr.Checkbox(label="Fast path", value=False)
@@ -130,8 +114,8 @@ def build(ctx: AppContext) -> ModelTab:
         spec = load_spec(ctx, caller, model, revision, dtype, quant, compute_dtype, double_quant, quant_storage,
                          int8_threshold, skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path,
                          fast_path_compile)
-        report = fit.estimate(spec, context_length=number("context_length", context_length, int),
-                              batch_size=number("batch_size", batch_size, int))
+        report = fit.estimate(spec, context_length=parse_number("context_length", context_length, int),
+                              batch_size=parse_number("batch_size", batch_size, int))
         labels = [fix_label(f) for f in report.fixes]
         return (render.fit_report(report, loading.cuda_device_count()),
                 gr.update(choices=labels, value=labels[0] if labels else None), list(report.fixes), "")
