@@ -13,13 +13,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import bnb_repack, families, source
 from core.errors import EngineError, OutOfMemoryError, SpecError
 from core.placement import explain_placement_error, normalize_device
 from core.quantization import bitsandbytes_config, describe, kept_modules, name_matcher, torch_dtype
 from core.spec import Device, LoadSpec, validate
+
+if TYPE_CHECKING:
+    from core.fastpath import FastPathUndo
 
 Progress = Callable[[float, str], None]
 
@@ -51,8 +54,8 @@ class LoadReport:
 class LoadedModel:
     """A model in memory with its tokenizer, the spec it came from and its load report.
 
-    `canonical` holds the settings the fast path changed, so that reverse can restore them;
-    it is owned by core.fastpath. `facts` holds measurements for the model card. `bnb_originals`
+    `canonical` holds what the fast path changed, so that reverse can restore the canonical model (None while the
+    fast path is off); it is owned by core.fastpath. `facts` holds measurements for the model card. `bnb_originals`
     holds what a save needs to undo bitsandbytes' CPU repack (core.bnb_repack).
     """
 
@@ -60,7 +63,7 @@ class LoadedModel:
     tokenizer: Any
     spec: LoadSpec
     report: LoadReport
-    canonical: dict[str, Any] = field(default_factory=dict)
+    canonical: FastPathUndo | None = None
     facts: dict[str, Any] = field(default_factory=dict)  # measured while loaded: last generation, quality
     bnb_originals: dict[str, Any] = field(default_factory=dict)  # core.bnb_repack.capture, before any forward
     tokenizer_backend: dict[str, Any] | None = None  # the fast tokenizer's padding and truncation as loaded
