@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,6 +46,7 @@ class Row:
     split_tok_s: float
     split_plain_tok_s: float
     same_greedy: bool
+    same_choices: bool  # the kernels' per-shape choices (ours or the library's) equal the one-GPU run's
     same_greedy_plain: bool | None
     one_gpu_state: str
     split_state: str
@@ -55,15 +57,21 @@ class Row:
         return self.split_tok_s / self.one_gpu_tok_s if self.one_gpu_tok_s else 0.0
 
 
-def budget_for(total_bytes: int, gpus: int) -> dict:
+def budget_for(total_bytes: int, gpus: int, first_bytes: int = 0) -> dict:
     """About half of the weights on each of GPU 0 and GPU 1; with one GPU, about 70% on it and the rest on the CPU.
 
-    GPU 0 gets 55% of the footprint: transformers keeps a tenth of each budget in reserve, and GPU 0 also holds
-    the embeddings, which bitsandbytes leaves in 16-bit (half of a small 4-bit model's footprint).
+    `first_bytes` must sit on GPU 0 whatever the split: the input embeddings, which bitsandbytes leaves in 16-bit
+    (half of a small 4-bit model's footprint). GPU 0 gets them and half of the rest, over 0.9: transformers keeps a
+    tenth of each GPU's budget in reserve for a quantized model.
     """
     if gpus >= 2:
-        return {0: int(total_bytes * 0.55), 1: int(total_bytes * 1.5)}
+        return {0: int((first_bytes + (total_bytes - first_bytes) / 2) / 0.9), 1: int(total_bytes * 1.5)}
     return {0: int(total_bytes * 0.7), "cpu": int(total_bytes * 3)}
+
+
+def embedding_bytes(model) -> int:
+    weight = model.get_input_embeddings().weight
+    return weight.numel() * weight.element_size()
 
 
 def gpu_bytes_by_device(model) -> dict[int, int]:
@@ -77,6 +85,16 @@ def gpu_bytes_by_device(model) -> dict[int, int]:
 def split_spec(model: str, quant: str, budget: dict, gpus: int) -> LoadSpec:
     return LoadSpec(model=model, dtype="bfloat16", max_memory=tuple(budget.items()),
                     quant=QuantSpec(mode=quant, fp32_cpu_offload=gpus < 2 and quant != "none"))
+
+
+def kernel_choices(kernels: str) -> set[tuple[str, str]]:
+    """(shape, winner) pairs from a fast-path state's kernel notes, without layer counts, GPUs and timings."""
+    found = set()
+    for part in re.split(r"[;.] ", kernels):
+        match = re.match(r"(?:cuda:\d+: )?(?:\d+x )?(.+?): (ours|.+?') \(", part.strip())
+        if match:
+            found.add(match.groups())
+    return found
 
 
 def _free() -> None:
@@ -93,14 +111,14 @@ def run_one(model: str, quant: str, gpus: int, args, report: list[str] | None) -
                                    device_map=parse_device_map("cuda:0")))
     _free()
     prompt = prompt_of(single, args.prompt_len)
-    total = single.report.footprint_bytes
+    total, first = single.report.footprint_bytes, embedding_bytes(single.model)
     one_state = fastpath.enable(single)
     one = timed(single, prompt, args)
     fastpath.reverse(single)
     del single
     _free()
 
-    budget = budget_for(total, gpus)
+    budget = budget_for(total, gpus, first)
     spec = split_spec(model, quant, budget, gpus)
     planned = placement.plan(spec)
     split = loading.load(spec)
@@ -120,6 +138,7 @@ def run_one(model: str, quant: str, gpus: int, args, report: list[str] | None) -
               one_gpu_tok_s=one.metrics.decode_tokens_per_s, split_tok_s=fast.metrics.decode_tokens_per_s,
               split_plain_tok_s=plain.metrics.decode_tokens_per_s if plain else 0.0,
               same_greedy=fast.token_ids == one.token_ids,
+              same_choices=kernel_choices(state.kernels) == kernel_choices(one_state.kernels),
               same_greedy_plain=None if plain is None else plain.token_ids == one.token_ids,
               one_gpu_state=one_state.summary(), split_state=state.summary())
     del split
@@ -141,17 +160,19 @@ def app_report(loaded, spec: LoadSpec, planned, state, result, gpus: int) -> lis
 
 def table(rows: list[Row], gpus: int) -> list[str]:
     lines = ["| quant | planned bytes per device | placement = plan | GPUs within budget | one GPU, fast path tok/s "
-             "| split, fast path tok/s | split / one GPU | greedy = one GPU | split, plain tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| split, fast path tok/s | split / one GPU | greedy = one GPU | kernel choices = one GPU "
+             "| split, plain tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.detail:
-            lines.append(f"| {r.quant} | failed: {r.detail} | | | | | | | |")
+            lines.append(f"| {r.quant} | failed: {r.detail} | | | | | | | | |")
             continue
         plain = f"{r.split_plain_tok_s:.1f}" + ("" if r.same_greedy_plain is None else
                                                 f" (greedy = one GPU: {'yes' if r.same_greedy_plain else 'no'})")
         lines.append(f"| {r.quant} | {r.planned} | {'yes' if r.same_place else 'NO'} | "
                      f"{'yes' if r.within else 'NO'} ({r.on_gpu}) | {r.one_gpu_tok_s:.1f} | {r.split_tok_s:.1f} | "
-                     f"{r.ratio:.2f} | {'yes' if r.same_greedy else 'no'} | {plain if r.split_plain_tok_s else '-'} |")
+                     f"{r.ratio:.2f} | {'yes' if r.same_greedy else 'no'} | {'yes' if r.same_choices else 'no'} | "
+                     f"{plain if r.split_plain_tok_s else '-'} |")
     return lines
 
 
@@ -196,7 +217,7 @@ def main() -> None:
 
             where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
                                 for f in reversed(traceback.extract_tb(error.__traceback__)[-6:]))
-            rows.append(Row(quant, "", False, False, "", 0, 0, 0, False, None, "", "",
+            rows.append(Row(quant, "", False, False, "", 0, 0, 0, False, False, None, "", "",
                             detail=f"{type(error).__name__}: {str(error)[:160]} ({where})"))
             _free()
         print("\n".join(table(rows[-1:], gpus)[2:]), f"[{time.perf_counter() - started:.0f} s]", flush=True)

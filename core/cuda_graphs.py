@@ -41,9 +41,19 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from transformers import EncoderDecoderCache, StaticCache
 
 LENGTH_STEP = 256  # static caches grow in steps of this many tokens, so most requests reuse a graph
 KEPT_INPUT_LENGTHS = 4  # encoder-decoders: cross-attention caches (and their graphs) kept for this many input lengths
+
+
+class StaticEncoderDecoderCache(EncoderDecoderCache):
+    """Two static caches whose `crop` shortens the self-attention half only: the cross-attention half holds the input
+    for the whole answer. generate()'s deferred stop check crops the cache it was given (by 0 each step, by the one
+    extra step at the end), which transformers' EncoderDecoderCache allows for dynamic caches only."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.self_attention_cache.crop(tokens_to_remove)
 
 
 @dataclass
@@ -161,8 +171,6 @@ class GraphedDecode:
     def cache_for(self, batch: int, needed: int, input_length: int | None = None):
         """A reset static cache for `batch` sequences of up to `needed` tokens (prompt + new + 1); with
         `input_length`, an encoder-decoder's: `needed` decoder tokens, and cross-attention over that many inputs."""
-        from transformers import EncoderDecoderCache, StaticCache
-
         key = (batch,) if input_length is None else (batch, input_length)
         lengths = {k for k in self.caches if len(k) == 2}
         # Longer than the graphs were captured for, or one input length too many: start over. Graphs go all at once:
@@ -176,7 +184,7 @@ class GraphedDecode:
             config = self.model.config.get_text_config(decoder=True)
             cache = StaticCache(config=config, max_cache_len=self.length)
             if input_length is not None:
-                cache = EncoderDecoderCache(cache, StaticCache(config=config, max_cache_len=input_length))
+                cache = StaticEncoderDecoderCache(cache, StaticCache(config=config, max_cache_len=input_length))
             self.caches[key] = cache
         else:
             with torch.inference_mode():  # its tensors were made under generate()'s inference mode

@@ -232,12 +232,13 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
                               reason="needs two CUDA GPUs: a model split across GPU 0 and GPU 1")
 
 
-def _split(model_path: str, mode: str, footprint: int, dtype: str = "float32"):
-    """Loaded with a per-GPU max_memory budget in the seed's style (device_map "auto"), about half on each GPU."""
-    from benchmarks.split import budget_for
+def _split(model_path: str, mode: str, single, dtype: str = "float32"):
+    """Loaded with a per-GPU max_memory budget in the seed's style (device_map "auto"), about half on each GPU, as
+    benchmarks/split.py measures it; `single` is the model loaded on one GPU, whose sizes set the budget."""
+    from benchmarks.split import budget_for, embedding_bytes
     from core import placement
 
-    budget = budget_for(footprint, 2)
+    budget = budget_for(single.report.footprint_bytes, 2, embedding_bytes(single.model))
     spec = LoadSpec(model=model_path, dtype=dtype, max_memory=tuple(budget.items()),
                     quant=QuantSpec(mode=mode, compute_dtype=dtype))
     return loading.load(spec), placement.plan(spec), budget
@@ -258,7 +259,7 @@ def test_two_gpus_place_as_planned_and_decode_as_one_gpu_with_the_fast_path_on_a
     expected = _greedy(single) if reference is not None else plain_one  # int8: the W8A16 reference
     if reference is not None:
         reference.remove()
-    split, planned, budget = _split(model_path, mode, single.report.footprint_bytes)
+    split, planned, budget = _split(model_path, mode, single)
     del single
     assert split.report.device_map == planned.device_map
     assert set(split.report.device_map.values()) == {0, 1}
@@ -307,16 +308,16 @@ def test_two_gpus_save_after_a_chat_reloads_bitwise(model_path, tmp_path):
     from core import hub
 
     single = _load(model_path, "nf4", "bfloat16")
-    footprint = single.report.footprint_bytes
+    loaded, _, budget = _split(model_path, "nf4", single, "bfloat16")
     del single
-    loaded, _, budget = _split(model_path, "nf4", footprint, "bfloat16")
     ids = loaded.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     torch.save(ids, tmp_path / "ids.pt")
 
     def logits() -> torch.Tensor:
         with torch.inference_mode():
-            return loaded.model(ids.cuda()).logits.cpu()
+            return loaded.model(ids.to(loaded.input_device)).logits.cpu()
 
+    assert set(loaded.report.device_map.values()) == {0, 1}
     canonical = logits()
     facts = hub.CardFacts()
     hub.save(loaded, tmp_path / "fresh", facts)

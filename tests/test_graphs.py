@@ -186,3 +186,19 @@ def test_a_split_model_gets_kernels_per_gpu_and_never_on_a_module_with_accelerat
     monkeypatch.setattr(model, "hf_device_map", {"": 0})
     assert fastpath._segments(model) is None  # one device: the kernels install on the whole model as before
 
+
+
+def test_the_encoder_decoder_cache_crops_its_self_attention_half_only(t5):
+    """generate()'s deferred stop check crops the cache each step and undoes its one extra step at the end."""
+    graph = cuda_graphs.GraphedDecode(t5["none"].model)
+    cache = graph.cache_for(1, 10, input_length=6)
+    assert isinstance(cache, cuda_graphs.StaticEncoderDecoderCache)
+    keys = torch.zeros(1, 4, 1, 16)
+    cache.cross_attention_cache.update(torch.zeros(1, 4, 6, 16), torch.zeros(1, 4, 6, 16), 0)
+    for _ in range(3):
+        cache.self_attention_cache.update(keys, keys, 0)
+    cache.crop(0)
+    cache.crop(-1)
+    assert int(cache.self_attention_cache.layers[0].cumulative_length) == 2
+    assert int(cache.cross_attention_cache.layers[0].cumulative_length) == 6
+    assert graph.cache_for(1, 10, input_length=6) is cache and cache.get_seq_length() == 0  # reset for the next answer
