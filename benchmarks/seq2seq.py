@@ -269,7 +269,7 @@ def conditions(device: str, args) -> str:
     card = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     return (f"{card}; torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes "
             f"{bitsandbytes.__version__}; {args.shapes} shapes, random weights; prompt {args.prompt_len} tokens, "
-            f"{args.new} new, batch 1, greedy, one run after an 8-token warm-up")
+            f"{args.new} new, batch 1, greedy, one run after a warm-up (8 tokens; with a graph, the measured length)")
 
 
 def main() -> None:

@@ -6,6 +6,9 @@ For each quantization, as the seed's multi-GPU example loads a model:
    each of GPU 0 and GPU 1, and check that the placement equals the plan and each GPU stays within its
    budget; then time the fast path split (one CUDA graph over both GPUs, the kernels per GPU) and, with
    --plain, plain decode split, and compare greedy tokens with the one-GPU run's.
+"kernel choices = one GPU" compares the kernels' per-shape winners (ours or the library's) of the two runs: an
+lm_head placed as a device-map entry of its own keeps its library's kernel on a split model (its accelerate hook moves
+its input from the other GPU), so it reads "no" wherever the one-GPU run chose ours for the lm_head.
 With one GPU the budget splits the model across GPU 0 and the CPU (CPU offload): the fast path then
 keeps the model as loaded, and says so. Decode is timed as benchmarks/decode.py times it (a warm-up at
 the measured length, so graphs are captured before the timed run; the median of --repeats runs).

@@ -19,9 +19,10 @@ changed is kept in one frozen record (`FastPathUndo`, `LoadedModel.canonical`; N
 
 A model split across GPUs (a device map over several) is graphed as one CUDA graph over all of them
 (core.cuda_graphs), and the kernels are installed per GPU on the layers each holds, with a hook that
-makes that GPU current around its layers (Triton launches on the current GPU). Modules that carry
-accelerate's placement hook keep their own forward (the hook is that forward). Modules offloaded to
-the CPU leave the whole model as loaded, and the reason names them.
+makes that GPU current around its layers (Triton launches on the current GPU). The device-map entries
+keep accelerate's placement hooks (they move activations between GPUs); inside them a kernel's forward
+stands in for accelerate's per-module hook while the fast path is on, and reverse puts every hook back.
+Modules offloaded to the CPU leave the whole model as loaded, and the reason names them.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class FastPathUndo:
     int8_log_level: int | None = None  # bitsandbytes' int8 logger level as it was, when silenced
     kernels: tuple[tuple[str, Installed], ...] = ()  # core.kernels' forwards: (GPU, installation), one per GPU
     device_hooks: tuple = ()  # handles of the hooks that make a GPU current around its layers (split models)
+    hooked_forwards: tuple = ()  # (module, forward) on instances before the kernels' (accelerate's, on a split model)
     graph: GraphedDecode | None = None
     undo_deferred_stop: Callable[[], None] | None = None
 
@@ -202,7 +204,7 @@ def state(loaded: LoadedModel) -> FastPathState:
 def _kernels_summary(installed: tuple[tuple[str, Installed], ...]) -> str:
     if len(installed) == 1:
         return installed[0][1].summary()
-    return " ".join(f"{where}: {one.summary()}." for where, one in installed if one.summary())
+    return ". ".join(f"{where}: {one.summary()}" for where, one in installed if one.summary())
 
 
 def enable(loaded: LoadedModel, choice: FastPathChoice | None = None) -> FastPathState:
@@ -219,6 +221,7 @@ def enable(loaded: LoadedModel, choice: FastPathChoice | None = None) -> FastPat
         logger = logging.getLogger(INT8_LOGGER)
         level = logger.level
         logger.setLevel(logging.ERROR)
+    hooked = tuple((m, m.__dict__["forward"]) for m in model.modules() if "forward" in m.__dict__)
     installed, hooks = _install_kernels(model) if choice.kernels else ((), ())  # before the graph: a compiled step
     graph = undo_deferred_stop = None                                          # traces the kernel-backed forwards
     if choice.cuda_graph:
@@ -228,7 +231,7 @@ def enable(loaded: LoadedModel, choice: FastPathChoice | None = None) -> FastPat
         undo_deferred_stop = defer_stop_checks()
     else:
         model.generation_config.cache_implementation = choice.cache_implementation
-    loaded.canonical = FastPathUndo(choice, attn, cache_implementation, level, installed, hooks, graph,
+    loaded.canonical = FastPathUndo(choice, attn, cache_implementation, level, installed, hooks, hooked, graph,
                                     undo_deferred_stop)
     return state(loaded)
 
@@ -246,6 +249,8 @@ def reverse(loaded: LoadedModel) -> FastPathState:
         handle.remove()
     for _, installed in undo.kernels:
         installed.remove()
+    for module, forward in undo.hooked_forwards:  # removing a kernel's forward removed the one it had replaced
+        module.forward = forward
     if undo.int8_log_level is not None:
         logging.getLogger(INT8_LOGGER).setLevel(undo.int8_log_level)
     if model.config._attn_implementation != undo.attn_implementation:
@@ -335,9 +340,12 @@ def _placed(model) -> dict[str, int | str]:
 
 
 def _segments(model) -> dict | None:
-    """{GPU: the modules of its device-map entries}, for a model on two or more GPUs; None otherwise. An entry that
-    carries accelerate's hook (its `forward` moves inputs to its GPU) stands for its children, so that no kernel
-    forward ever replaces that hook; a leaf with a hook (an lm_head of its own) keeps its library's forward."""
+    """{GPU: the modules of its device-map entries}, for a model on two or more GPUs; None otherwise.
+
+    accelerate's dispatch sets a `forward` on every module with weights that moves its inputs to its GPU. An entry
+    stands for its children: inside an entry the inputs are already on its GPU, so a kernel's forward may stand in
+    for those hooks while the fast path is on (reverse puts them back), but an entry's own hook moves what arrives
+    from another GPU, and a leaf entry (an lm_head of its own) keeps it and its library's forward."""
     import torch
 
     placed = {name: d for name, d in _placed(model).items() if isinstance(d, int)}
@@ -345,8 +353,7 @@ def _segments(model) -> dict | None:
         return None
     segments: dict = {}
     for name, device in placed.items():
-        module = model.get_submodule(name)
-        members = list(module.children()) if hasattr(module, "_hf_hook") else [module]
+        members = list(model.get_submodule(name).children())
         segments.setdefault(torch.device("cuda", device), []).extend(members)
     return segments
 

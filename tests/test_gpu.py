@@ -94,28 +94,54 @@ def _greedy(loaded) -> tuple[list, tuple]:
     return single, generation.generate(loaded, PROMPTS, GREEDY, min_new_tokens=24).token_ids
 
 
+def _plain_tokens(loaded, mode: str) -> tuple[list, tuple]:
+    """Greedy tokens of the plain path; for LLM.int8(), its W8A16 reference (the module's docstring says why)."""
+    reference = modules.install(loaded.model, reference=True) if mode == "int8" else None
+    try:
+        return _greedy(loaded)
+    finally:
+        if reference is not None:
+            reference.remove()
+
+
+def _hooks(model) -> list:
+    """Each module's hooks and instance `forward` (accelerate's placement hook on a split model; none on one GPU)."""
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks), m.__dict__.get("forward")) for m in model.modules()]
+
+
+def _snapshot(loaded) -> tuple[str, dict, list]:
+    return str(loaded.model), {k: v.clone() for k, v in loaded.model.state_dict().items()}, _hooks(loaded.model)
+
+
+def _reverses_exactly(loaded, snapshot: tuple[str, dict, list]) -> None:
+    off = fastpath.reverse(loaded)
+    assert not off.enabled and not off.kernels and "get_compiled_call" not in loaded.model.__dict__
+    tree, state, hooks = snapshot
+    assert _hooks(loaded.model) == hooks  # the kernels' forwards and our hooks gone, accelerate's as loaded
+    assert str(loaded.model) == tree
+    after = loaded.model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
+def _fast_equals_plain(loaded, mode: str):
+    """The fast path on, its greedy tokens (one prompt at a time, and both as a batch) equal to the plain path's;
+    returns its state and the snapshot taken before it."""
+    snapshot = _snapshot(loaded)
+    plain = _plain_tokens(loaded, mode)
+    on = fastpath.enable(loaded)
+    assert _greedy(loaded) == plain
+    return on, snapshot
+
+
 @pytest.mark.parametrize("mode", ["none", "nf4", "int8"])
 def test_graphed_decode_matches_plain_and_reverses_exactly(model_path, mode):
     loaded = _load(model_path, mode)
-    state_before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    tree = str(loaded.model)
-    reference = modules.install(loaded.model, reference=True) if mode == "int8" else None
-    plain, plain_batch = _greedy(loaded)
-    if reference is not None:
-        reference.remove()
-    on = fastpath.enable(loaded)
+    on, snapshot = _fast_equals_plain(loaded, mode)
     assert on.cuda_graph and on.cache_implementation == "static"
     assert bool(on.kernels) == (mode != "none")  # fp32 weights: no 16-bit layer for the kernels
-    fast, fast_batch = _greedy(loaded)
-    assert fast == plain and fast_batch == plain_batch
     streamed = list(generation.stream(loaded, PROMPTS[0], GREEDY))
     assert streamed[-1].done and streamed[-1].text
-    off = fastpath.reverse(loaded)
-    assert not off.cuda_graph and not off.kernels and "get_compiled_call" not in loaded.model.__dict__
-    assert not [m for m in loaded.model.modules() if "forward" in m.__dict__]
-    assert str(loaded.model) == tree
-    after = loaded.model.state_dict()
-    assert all(torch.equal(state_before[k], after[k]) for k in state_before)
+    _reverses_exactly(loaded, snapshot)
 
 
 def test_bf16_kernels_keep_logits_within_bf16_rounding(model_path):
@@ -204,26 +230,13 @@ def t5_path(tmp_path_factory):
 def test_encoder_decoder_decode_graphed_matches_plain_and_reverses_exactly(t5_path, mode):
     """Issue 22: T5's decoder step as a CUDA graph, one per input length, with tokens equal to plain decode."""
     loaded = _load(t5_path, mode)
-    state_before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    tree = str(loaded.model)
-    reference = modules.install(loaded.model, reference=True) if mode == "int8" else None
-    plain, plain_batch = _greedy(loaded)
-    if reference is not None:
-        reference.remove()
-    on = fastpath.enable(loaded)
+    on, snapshot = _fast_equals_plain(loaded, mode)
     assert on.cuda_graph and on.reason.startswith("Encoder-decoder model: its decoder step is captured")
-    fast, fast_batch = _greedy(loaded)
-    assert fast == plain and fast_batch == plain_batch
     graph = fastpath.graph_of(loaded)
     assert len(graph.graphs) == 3  # the two prompts' input lengths, and the batch of both
     lengths = [loaded.tokenizer(p, return_tensors="pt").input_ids.shape[1] for p in PROMPTS]
     assert sorted(graph.caches) == sorted([(1, lengths[0]), (1, lengths[1]), (2, max(lengths))])
-    off = fastpath.reverse(loaded)
-    assert not off.cuda_graph and "get_compiled_call" not in loaded.model.__dict__
-    assert not [m for m in loaded.model.modules() if "forward" in m.__dict__]
-    assert str(loaded.model) == tree
-    after = loaded.model.state_dict()
-    assert all(torch.equal(state_before[k], after[k]) for k in state_before)
+    _reverses_exactly(loaded, snapshot)
 
 
 # ----------------------------------------------------------------------------- two GPUs
@@ -244,10 +257,6 @@ def _split(model_path: str, mode: str, single, dtype: str = "float32"):
     return loading.load(spec), placement.plan(spec), budget
 
 
-def _hooks(model) -> list:
-    return [(len(m._forward_pre_hooks), len(m._forward_hooks), "forward" in m.__dict__) for m in model.modules()]
-
-
 @two_gpus
 @pytest.mark.parametrize("mode", ["none", "nf4", "int8"])
 def test_two_gpus_place_as_planned_and_decode_as_one_gpu_with_the_fast_path_on_and_off(model_path, mode):
@@ -255,10 +264,7 @@ def test_two_gpus_place_as_planned_and_decode_as_one_gpu_with_the_fast_path_on_a
 
     single = _load(model_path, mode)
     plain_one = _greedy(single)
-    reference = modules.install(single.model, reference=True) if mode == "int8" else None
-    expected = _greedy(single) if reference is not None else plain_one  # int8: the W8A16 reference
-    if reference is not None:
-        reference.remove()
+    expected = _plain_tokens(single, mode)  # int8: the W8A16 reference
     split, planned, budget = _split(model_path, mode, single)
     del single
     assert split.report.device_map == planned.device_map
@@ -266,8 +272,7 @@ def test_two_gpus_place_as_planned_and_decode_as_one_gpu_with_the_fast_path_on_a
     on_gpu = gpu_bytes_by_device(split.model)
     assert all(on_gpu[d] <= budget[d] for d in (0, 1)), (on_gpu, budget)
     assert _greedy(split) == plain_one  # fast path off
-    state_before = {k: v.clone() for k, v in split.model.state_dict().items()}
-    tree, hooks = str(split.model), _hooks(split.model)
+    snapshot = _snapshot(split)
     on = fastpath.enable(split)
     assert on.cuda_graph and "Split across 2 GPUs (cuda:0: model.embed_tokens" in on.reason
     assert bool(on.kernels) == (mode != "none") and (not on.kernels or "cuda:1:" in on.kernels)
@@ -275,11 +280,7 @@ def test_two_gpus_place_as_planned_and_decode_as_one_gpu_with_the_fast_path_on_a
     caches = fastpath.graph_of(split).caches.values()
     assert {layer.keys.device for c in caches for layer in c.layers} == {torch.device("cuda", 0),
                                                                            torch.device("cuda", 1)}  # on each GPU
-    off = fastpath.reverse(split)
-    assert not off.enabled and "get_compiled_call" not in split.model.__dict__
-    assert str(split.model) == tree and _hooks(split.model) == hooks  # accelerate's hooks as loaded, ours gone
-    after = split.model.state_dict()
-    assert all(torch.equal(state_before[k], after[k]) for k in state_before)
+    _reverses_exactly(split, snapshot)
     assert _greedy(split) == plain_one
 
 

@@ -170,22 +170,19 @@ def test_on_two_gpus_the_reason_says_what_runs_where_and_the_step_is_not_compile
     assert "its layers on cuda:0 too, decodes as loaded" in offloaded.reason
 
 
-def test_a_split_model_gets_kernels_per_gpu_and_never_on_a_module_with_accelerates_hook(loaded_models, monkeypatch):
+def test_a_split_model_gets_kernels_per_gpu_inside_its_device_map_entries(loaded_models, monkeypatch):
     model = loaded_models("none").model
     layers = model.config.num_hidden_layers
     monkeypatch.setattr(model, "hf_device_map", _split_map(layers, 12), raising=False)
-    hooked = [model.model.layers[15], model.lm_head]
-    for module in hooked:
-        monkeypatch.setattr(module, "_hf_hook", object(), raising=False)
     segments = fastpath._segments(model)
     assert [d.index for d in segments] == [0, 1]
     first, second = segments.values()
-    assert model.model.layers[11] in first and model.model.embed_tokens in first
-    assert model.model.layers[15] not in second and model.model.layers[15].self_attn in second  # its children
-    assert model.lm_head not in second and model.model.layers[16] in second
+    assert model.model.layers[11].self_attn in first and model.model.layers[11].mlp in first
+    assert model.model.layers[12].self_attn in second and model.model.layers[12].self_attn not in first
+    entries = [model.model.layers[11], model.model.layers[12], model.model.embed_tokens, model.lm_head]
+    assert not [m for m in entries if m in first or m in second]  # an entry's own forward moves its inputs
     monkeypatch.setattr(model, "hf_device_map", {"": 0})
     assert fastpath._segments(model) is None  # one device: the kernels install on the whole model as before
-
 
 
 def test_the_encoder_decoder_cache_crops_its_self_attention_half_only(t5):
@@ -202,3 +199,42 @@ def test_the_encoder_decoder_cache_crops_its_self_attention_half_only(t5):
     assert int(cache.self_attention_cache.layers[0].cumulative_length) == 2
     assert int(cache.cross_attention_cache.layers[0].cumulative_length) == 6
     assert graph.cache_for(1, 10, input_length=6) is cache and cache.get_seq_length() == 0  # reset for the next answer
+
+
+def test_on_a_split_model_the_kernels_stand_in_for_accelerates_hooks_and_reverse_puts_them_back(checkpoint, tmp_path,
+                                                                                                monkeypatch):
+    """accelerate's dispatch sets a forward on every module with weights; the kernels' forwards replace those inside
+    the device-map entries (never an entry's own, which moves activations between GPUs), and reverse restores each."""
+    import contextlib
+
+    from accelerate.hooks import attach_execution_device_hook
+
+    from conftest import tiny_model
+    from core.kernels import modules
+
+    loaded = loading.load(LoadSpec(model=str(tiny_model(tmp_path / "tiny", checkpoint))))
+    model = loaded.model
+    attach_execution_device_hook(model, "cpu")  # as dispatch_model hooks a split model, here with the CPU for GPUs
+    placed = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+              "model.norm": 1, "lm_head": 1}
+    monkeypatch.setattr(model, "hf_device_map", placed, raising=False)
+    monkeypatch.setattr(fastpath, "_current", lambda device: contextlib.nullcontext())
+
+    def install(segment):  # what modules.install does to the layers it serves, without measuring kernels
+        linears = tuple(m for m in segment.modules() if isinstance(m, torch.nn.Linear))
+        for linear in linears:
+            linear.forward = lambda x: x
+        return modules.Installed(linears, (f"{len(linears)} layers",))
+
+    monkeypatch.setattr(modules, "install", install)
+    before = [(m, m.__dict__.get("forward"), len(m._forward_pre_hooks)) for m in model.modules()]
+    accelerates = {m: f for m, f, _ in before}
+    q_proj = model.model.layers[1].self_attn.q_proj
+    assert accelerates[q_proj] is not None and accelerates[model.lm_head] is not None
+    on = fastpath.enable(loaded, fastpath.FastPathChoice("sdpa", None, "test", kernels=True))
+    assert on.kernels == "cuda:0: 7 layers. cuda:1: 7 layers"  # q, k, v, o, gate, up, down on each GPU
+    assert q_proj.__dict__["forward"] is not accelerates[q_proj]  # a kernel's forward stands in for accelerate's
+    assert model.lm_head.__dict__["forward"] is accelerates[model.lm_head]  # a leaf entry keeps its hook
+    assert len(model.model.layers[1]._forward_pre_hooks) == 1  # its GPU current around the layer
+    fastpath.reverse(loaded)
+    assert [(m, m.__dict__.get("forward"), len(m._forward_pre_hooks)) for m in model.modules()] == before
