@@ -149,18 +149,18 @@ def peer_paths(_quant: str, batch: int, args) -> list[str]:
 
 def raw_rate(loaded, batch: int, steps: int = 64) -> float:
     """Decode steps/s of the captured graph replayed back to back: pure GPU time, no generate()."""
-    graph = loaded.canonical.get("graph")
-    captured = [c for key, c in graph.graphs.items() if key[1][0] == batch] if graph else []
+    graph = fastpath.graph_of(loaded)
+    captured = [c for c in graph.graphs.values() if c.batch == batch] if graph else []
     if not captured:
         return 0.0
     step = captured[-1]
-    cache = step.kwargs["cache"]
+    cache = step.cache
     room = graph.length - int(cache.layers[0].cumulative_length.max()) - 1
     steps = min(steps, room)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
-        step.graph.replay()
+        step.replay()
     end.record()
     end.synchronize()
     with torch.inference_mode():
@@ -182,8 +182,8 @@ def profile_step(loaded, batch: int, out_file: Path, label: str, steps: int = 3)
     profiler's table to `out_file`."""
     from torch.profiler import ProfilerActivity, profile
 
-    graph = loaded.canonical.get("graph")
-    captured = [c for key, c in graph.graphs.items() if key[1][0] == batch] if graph else []
+    graph = fastpath.graph_of(loaded)
+    captured = [c for c in graph.graphs.values() if c.batch == batch] if graph else []
     if not captured:
         return ""
     kwargs = captured[-1].kwargs

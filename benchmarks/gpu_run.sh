@@ -5,8 +5,11 @@
 #   sweep   the fast path's kernels against the libraries' and torchao's per 8B layer shape, at $ROWS rows
 #           (decode_sweep.py: each format compiled and checked in its own process first, then timed alone)
 #   decode  the decode table, 8B shapes, batch sizes $BATCH, torchao peers beside, compile mode $COMPILE_MODE
-#   split   the split-placement check
-#   seq2seq T5-11b shapes in bf16, nf4 and int8: footprint, peak, decode speed, fit estimate (benchmarks/seq2seq.py)
+#   split   split placement at fast-path speed (benchmarks/split.py): $SPLIT_MODEL (smol; llama8b for the
+#           8B run) over GPU 0 and GPU 1 against GPU 0 alone; the app's report text to $OUT/app_report.md
+#   seq2seq T5 shapes ($SEQ2SEQ_SHAPES, t5-11b) in bf16, nf4 and int8: footprint, peak, decode paths $SEQ2SEQ_PATHS
+#           (plain and the fast path), fit estimate (benchmarks/seq2seq.py)
+# Random checkpoints are built under $WORK: /dev/shm (memory) where it is writable, else /tmp.
 # Carry .whl (bitsandbytes, transformers and torchao wheels; tokenizer/ with SmolLM2's tokenizer);
 # $WHL names that folder when it is not ./.whl.
 set -u
@@ -14,12 +17,14 @@ WHL=${WHL:-$PWD/.whl}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LLM_APP_TEST_TOKENIZER=$WHL/tokenizer
 mkdir -p "$OUT"
-python3 -c "import torch, transformers, bitsandbytes, triton; print(torch.__version__, transformers.__version__, bitsandbytes.__version__, triton.__version__, torch.cuda.get_device_name(0))"
+WORK=${WORK:-$( [ -w /dev/shm ] && echo /dev/shm/llm-bench || echo /tmp/llm-bench )}
+python3 -c "import torch, transformers, bitsandbytes, triton; print(torch.__version__, transformers.__version__, bitsandbytes.__version__, triton.__version__, torch.cuda.device_count(), 'x', torch.cuda.get_device_name(0))"
+nvidia-smi topo -m 2>/dev/null | head -4
 for stage in ${STAGES:-tests decode split}; do
   echo "=== $stage"
   case $stage in
     tests) timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ${TESTS_K:+-k "$TESTS_K"} \
-        2>&1 | tail -25 | tee "$OUT/gpu_tests.txt" ;;
+        2>&1 | tee "$OUT/gpu_tests.txt" | tail -40 ;;
     sweep) for format in bf16 int8 nf4; do
           timeout "${SWEEP_S:-300}" python3 benchmarks/decode_sweep.py --rows "${ROWS:-1,2,4,8,16}" --formats $format \
             --check-only > "$OUT/warm_$format.txt" 2>&1 &
@@ -33,9 +38,13 @@ for stage in ${STAGES:-tests decode split}; do
         --compile-mode "${COMPILE_MODE:-default}" --peers "${PEERS-int8wo,int4wo}" --prompt-len 128 --new "${NEW:-128}" \
         --repeats 1 --raw ${PROFILE:+--profile "$OUT/profiles.txt"} --tokenizer "$WHL/tokenizer" \
         --results "$OUT/decode.md" --json "$OUT/decode.json" 2>&1 | grep -v "Loading weights\|Writing model" | tail -60 ;;
-    seq2seq) timeout "${SEQ2SEQ_S:-480}" python3 benchmarks/seq2seq.py --shapes t5-11b --tokenizer "$WHL/tokenizer" \
-        --work /tmp/llm-bench --modes "${SEQ2SEQ_MODES:-none,nf4,int8}" --results "$OUT/seq2seq.md" \
-        --json "$OUT/seq2seq.json" 2>&1 | grep -v "MatMul8bitLt\|Loading weights\|Writing model" | tail -40 ;;
-    split) timeout "${SPLIT_S:-120}" python3 benchmarks/split.py --model smol --tokenizer "$WHL/tokenizer" 2>&1 | tee "$OUT/split.md" | tail -8 ;;
+    seq2seq) timeout "${SEQ2SEQ_S:-480}" python3 benchmarks/seq2seq.py --shapes "${SEQ2SEQ_SHAPES:-t5-11b}" \
+        --tokenizer "$WHL/tokenizer" --work "$WORK" --modes "${SEQ2SEQ_MODES:-none,nf4,int8}" \
+        --paths "${SEQ2SEQ_PATHS:-plain,fast path}" --results "$OUT/seq2seq.md" --json "$OUT/seq2seq.json" 2>&1 \
+        | grep -v "MatMul8bitLt\|Loading weights\|Writing model" | tail -40 ;;
+    split) timeout "${SPLIT_S:-240}" python3 benchmarks/split.py --model "${SPLIT_MODEL:-smol}" --tokenizer "$WHL/tokenizer" \
+        --work "$WORK" --quant "${SPLIT_QUANTS:-none,int8,nf4}" --new "${NEW:-128}" --repeats "${REPEATS:-1}" \
+        ${SPLIT_PLAIN:+--plain} --results "$OUT/split.md" --json "$OUT/split.json" --report "$OUT/app_report.md" 2>&1 \
+        | grep -v "MatMul8bitLt\|Loading weights\|Writing model" | tail -30 ;;
   esac
 done

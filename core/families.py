@@ -11,7 +11,7 @@ kind reads the `Family` returned, or the shape helpers below:
   keys and values over the input, in each decoder layer. Both cost the same per position, so
   "context" means prompt (input) plus answer for both kinds, and one formula holds (`kv_cache_bytes`);
 - the largest transient of a forward pass (`activation_bytes`);
-- what the fast path's CUDA graph can drive (`fast_path_support`).
+- what the fast path's CUDA graph can drive, and how (`fast_path_support`).
 """
 
 from __future__ import annotations
@@ -213,14 +213,19 @@ class FastPathSupport:
 
 def fast_path_support(model) -> FastPathSupport:
     """What the GPU fast path may do for `model` (a loaded model). On the CPU the fast path keeps the canonical
-    settings for every model, so this matters on a GPU only."""
+    settings for every model, so this matters on a GPU only. `reason` is "" for a causal LM (nothing to add)."""
+    from core.cuda_graphs import KEPT_INPUT_LENGTHS
+
     family = of(model.config)
     if not family.is_encoder_decoder:
         return FastPathSupport(cuda_graph=True, reason="")
-    cache = ("transformers gives it a static cache (an EncoderDecoderCache of two StaticCaches)"
-             if getattr(type(model), "_can_compile_fullgraph", False) else
-             f"transformers does not mark {type(model).__name__} as compilable with a static cache")
-    return FastPathSupport(cuda_graph=False, reason=(
-        f"Encoder-decoder model: {cache}, but the graphed decode step replays decoder-only forwards (input_ids "
-        "and one StaticCache), while this decoder step also takes the encoder's output and a cross-attention cache "
-        "sized to each input; so decode runs as loaded."))
+    if not getattr(type(model), "_can_compile_fullgraph", False):
+        return FastPathSupport(cuda_graph=False, reason=(
+            f"Encoder-decoder model: transformers does not mark {type(model).__name__} as compilable with a static "
+            "cache, and the graphed decode step needs one, so decode runs as loaded."))
+    return FastPathSupport(cuda_graph=True, reason=(
+        "Encoder-decoder model: its decoder step is captured with the encoder's output and an EncoderDecoderCache "
+        "(a static self-attention cache, and a cross-attention cache sized to the input exactly, since attention over "
+        "padding would change the sums); so one graph holds one input length, the caches and graphs of the last "
+        f"{KEPT_INPUT_LENGTHS} input lengths are kept, and the first answer to an input of a new length pays one "
+        "capture."))

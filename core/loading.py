@@ -22,9 +22,9 @@ from core.quantization import bitsandbytes_config, describe, kept_modules, name_
 from core.spec import Device, LoadSpec, OnProgress, validate
 
 if TYPE_CHECKING:
+    from core.fastpath import FastPathUndo
     from core.generation import GenerationMetrics
     from core.quality import QualityReport
-
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ class ModelFacts:
 class LoadedModel:
     """A model in memory with its tokenizer, the spec it came from and its load report.
 
-    `canonical` holds the settings the fast path changed, so that reverse can restore them;
-    it is owned by core.fastpath. `facts` holds measurements for the model card. `bnb_originals`
+    `canonical` holds what the fast path changed, so that reverse can restore the canonical model (None while the
+    fast path is off); it is owned by core.fastpath. `facts` holds measurements for the model card. `bnb_originals`
     holds what a save needs to undo bitsandbytes' CPU repack (core.bnb_repack).
     """
 
@@ -68,7 +68,7 @@ class LoadedModel:
     tokenizer: Any
     spec: LoadSpec
     report: LoadReport
-    canonical: dict[str, Any] = field(default_factory=dict)
+    canonical: FastPathUndo | None = None
     facts: ModelFacts = field(default_factory=ModelFacts)  # replaced, never mutated, as measurements come
     bnb_originals: dict[str, Any] = field(default_factory=dict)  # core.bnb_repack.capture, before any forward
     tokenizer_backend: dict[str, Any] | None = None  # the fast tokenizer's padding and truncation as loaded

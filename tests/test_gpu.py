@@ -1,4 +1,5 @@
-"""GPU-only checks of the fast path: its kernels against their references, greedy equality, exact reverse.
+"""GPU-only checks of the fast path: its kernels against their references, greedy equality, exact reverse,
+encoder-decoders graphed, and a model split across two GPUs (skipped with the reason on one).
 
 Skipped on the CPU. On a GPU they use a SmolLM2-135M-shaped model with random weights (built here,
 benchmarks.decode.random_checkpoint) with the tokenizer given by LLM_APP_TEST_TOKENIZER (a folder),
@@ -123,29 +124,55 @@ def _greedy(loaded) -> tuple[list, tuple]:
     return single, generation.generate(loaded, PROMPTS, GREEDY, min_new_tokens=24).token_ids
 
 
+def _plain_tokens(loaded, mode: str) -> tuple[list, tuple]:
+    """Greedy tokens of the plain path; for LLM.int8(), its W8A16 reference (the module's docstring says why)."""
+    reference = modules.install(loaded.model, reference=True) if mode == "int8" else None
+    try:
+        return _greedy(loaded)
+    finally:
+        if reference is not None:
+            reference.remove()
+
+
+def _hooks(model) -> list:
+    """Each module's hooks and instance `forward` (accelerate's placement hook on a split model; none on one GPU)."""
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks), m.__dict__.get("forward")) for m in model.modules()]
+
+
+def _snapshot(loaded) -> tuple[str, dict, list]:
+    return str(loaded.model), {k: v.clone() for k, v in loaded.model.state_dict().items()}, _hooks(loaded.model)
+
+
+def _reverses_exactly(loaded, snapshot: tuple[str, dict, list]) -> None:
+    off = fastpath.reverse(loaded)
+    assert not off.enabled and not off.kernels and "get_compiled_call" not in loaded.model.__dict__
+    tree, state, hooks = snapshot
+    assert _hooks(loaded.model) == hooks  # the kernels' forwards and our hooks gone, accelerate's as loaded
+    assert str(loaded.model) == tree
+    after = loaded.model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
+def _fast_equals_plain(loaded, mode: str):
+    """The fast path on, its greedy tokens (one prompt at a time, and both as a batch) equal to the plain path's;
+    returns its state and the snapshot taken before it."""
+    snapshot = _snapshot(loaded)
+    plain = _plain_tokens(loaded, mode)
+    on = fastpath.enable(loaded)
+    assert _greedy(loaded) == plain
+    return on, snapshot
+
+
 @pytest.mark.parametrize("mode", ["none", "nf4", "int8"])
 def test_graphed_decode_matches_plain_and_reverses_exactly(model_path, mode):
     loaded = _load(model_path, mode)
-    state_before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    tree = str(loaded.model)
-    reference = modules.install(loaded.model, reference=True) if mode == "int8" else None
-    plain, plain_batch = _greedy(loaded)
-    if reference is not None:
-        reference.remove()
-    on = fastpath.enable(loaded)
+    on, snapshot = _fast_equals_plain(loaded, mode)
     assert on.cuda_graph and on.cache_implementation == "static"
     assert bool(on.kernels) == (mode != "none")  # fp32 weights: no 16-bit layer for the kernels
-    fast, fast_batch = _greedy(loaded)
-    assert fast == plain and fast_batch == plain_batch
     pieces: list[str] = []
     streamed = generation.generate(loaded, [PROMPTS[0]], GREEDY, on_text=pieces.append)
     assert streamed.texts[0] and "".join(pieces).strip() == streamed.texts[0]
-    off = fastpath.reverse(loaded)
-    assert not off.cuda_graph and not off.kernels and "get_compiled_call" not in loaded.model.__dict__
-    assert not [m for m in loaded.model.modules() if "forward" in m.__dict__]
-    assert str(loaded.model) == tree
-    after = loaded.model.state_dict()
-    assert all(torch.equal(state_before[k], after[k]) for k in state_before)
+    _reverses_exactly(loaded, snapshot)
 
 
 def test_bf16_kernels_keep_logits_within_bf16_rounding(model_path):
@@ -209,6 +236,133 @@ def test_saving_on_the_gpu_never_changes_the_model_and_reloads_equal(model_path,
     jobs = [(str(tmp_path / n), str(tmp_path / "ids.pt"), str(tmp_path / f"{n}.pt")) for n in ("fresh", "fast-on",
                                                                                                "fast-off")]
     done = subprocess.run([sys.executable, "-c", _RELOAD_ON_GPU, json.dumps(jobs)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for _, _, out in jobs:
+        assert torch.equal(torch.load(out), canonical), out
+
+
+# ----------------------------------------------------------------------------- encoder-decoders, graphed
+
+
+@pytest.fixture(scope="module")
+def t5_path(tmp_path_factory):
+    from conftest import tiny_seq2seq
+
+    tokenizer = os.environ.get("LLM_APP_TEST_TOKENIZER")
+    if tokenizer is None:
+        from core import default_model
+
+        tokenizer = default_model.ensure_checkpoint()
+    return str(tiny_seq2seq(tmp_path_factory.mktemp("t5") / "tiny-t5", Path(tokenizer)))
+
+
+@pytest.mark.parametrize("mode", ["none", "nf4", "int8"])
+def test_encoder_decoder_decode_graphed_matches_plain_and_reverses_exactly(t5_path, mode):
+    """Issue 22: T5's decoder step as a CUDA graph, one per input length, with tokens equal to plain decode."""
+    loaded = _load(t5_path, mode)
+    on, snapshot = _fast_equals_plain(loaded, mode)
+    assert on.cuda_graph and on.reason.startswith("Encoder-decoder model: its decoder step is captured")
+    graph = fastpath.graph_of(loaded)
+    assert len(graph.graphs) == 3  # the two prompts' input lengths, and the batch of both
+    lengths = [loaded.tokenizer(p, return_tensors="pt").input_ids.shape[1] for p in PROMPTS]
+    assert sorted(graph.caches) == sorted([(1, lengths[0]), (1, lengths[1]), (2, max(lengths))])
+    _reverses_exactly(loaded, snapshot)
+
+
+# ----------------------------------------------------------------------------- two GPUs
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
+                              reason="needs two CUDA GPUs: a model split across GPU 0 and GPU 1")
+
+
+def _split(model_path: str, mode: str, single, dtype: str = "float32"):
+    """Loaded with a per-GPU max_memory budget in the seed's style (device_map "auto"), about half on each GPU, as
+    benchmarks/split.py measures it; `single` is the model loaded on one GPU, whose sizes set the budget."""
+    from benchmarks.split import budget_for, embedding_bytes
+    from core import placement
+
+    budget = budget_for(single.report.footprint_bytes, 2, embedding_bytes(single.model))
+    spec = LoadSpec(model=model_path, dtype=dtype, max_memory=tuple(budget.items()),
+                    quant=QuantSpec(mode=mode, compute_dtype=dtype))
+    return loading.load(spec), placement.plan(spec), budget
+
+
+@two_gpus
+@pytest.mark.parametrize("mode", ["none", "nf4", "int8"])
+def test_two_gpus_place_as_planned_and_decode_as_one_gpu_with_the_fast_path_on_and_off(model_path, mode):
+    from benchmarks.split import gpu_bytes_by_device
+
+    single = _load(model_path, mode)
+    plain_one = _greedy(single)
+    expected = _plain_tokens(single, mode)  # int8: the W8A16 reference
+    split, planned, budget = _split(model_path, mode, single)
+    del single
+    assert split.report.device_map == planned.device_map
+    assert set(split.report.device_map.values()) == {0, 1}
+    on_gpu = gpu_bytes_by_device(split.model)
+    assert all(on_gpu[d] <= budget[d] for d in (0, 1)), (on_gpu, budget)
+    assert _greedy(split) == plain_one  # fast path off
+    snapshot = _snapshot(split)
+    on = fastpath.enable(split)
+    assert on.cuda_graph and "Split across 2 GPUs (cuda:0: model.embed_tokens" in on.reason
+    assert bool(on.kernels) == (mode != "none") and (not on.kernels or "cuda:1:" in on.kernels)
+    assert _greedy(split) == expected  # fast path on: one graph over both GPUs, the kernels per GPU
+    caches = fastpath.graph_of(split).caches.values()
+    assert {layer.keys.device for c in caches for layer in c.layers} == {torch.device("cuda", 0),
+                                                                           torch.device("cuda", 1)}  # on each GPU
+    _reverses_exactly(split, snapshot)
+    assert _greedy(split) == plain_one
+
+
+_RELOAD_SPLIT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+budget, jobs = json.loads(sys.argv[1])
+for folder, ids, out in jobs:
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="auto",
+                                                 max_memory={int(k): v for k, v in budget.items()})
+    assert len(set(model.hf_device_map.values())) == 2, model.hf_device_map
+    with torch.no_grad():
+        torch.save(model(torch.load(ids).cuda()).logits.cpu(), out)
+"""
+
+
+@two_gpus
+def test_two_gpus_save_after_a_chat_reloads_bitwise(model_path, tmp_path):
+    """A split NF4 model saved fresh and after a chat with the fast path on: the saved files are equal, and each
+    folder reloaded by plain transformers under the same budget gives the live model's canonical logits bitwise."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from core import hub
+
+    single = _load(model_path, "nf4", "bfloat16")
+    loaded, _, budget = _split(model_path, "nf4", single, "bfloat16")
+    del single
+    ids = loaded.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    torch.save(ids, tmp_path / "ids.pt")
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return loaded.model(ids.to(loaded.input_device)).logits.cpu()
+
+    assert set(loaded.report.device_map.values()) == {0, 1}
+    canonical = logits()
+    facts = hub.CardFacts()
+    hub.save(loaded, tmp_path / "fresh", facts)
+    fastpath.enable(loaded)
+    generation.generate(loaded, [PROMPTS[0]], GREEDY)
+    hub.save(loaded, tmp_path / "after-chat", facts)
+    assert fastpath.state(loaded).enabled
+    fastpath.reverse(loaded)
+    assert torch.equal(logits(), canonical)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (tmp_path / "fresh" / name).read_bytes() == (tmp_path / "after-chat" / name).read_bytes(), name
+    jobs = [(str(tmp_path / n), str(tmp_path / "ids.pt"), str(tmp_path / f"{n}.pt")) for n in ("fresh", "after-chat")]
+    done = subprocess.run([sys.executable, "-c", _RELOAD_SPLIT, json.dumps([budget, jobs])], env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for _, _, out in jobs:

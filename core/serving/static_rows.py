@@ -51,6 +51,10 @@ class StaticRows:
             cache.early_initialization(batch_size=bucket, num_heads=_kv_heads(self.model.config),
                                        head_dim=_head_dim(self.model.config), dtype=self.dtype,
                                        device=device)
+            for layer, where in zip(cache.layers, _layer_devices(self.model, device)):
+                if where != device:  # a model split across GPUs: each layer's cache beside the layer
+                    layer.keys, layer.values = layer.keys.to(where), layer.values.to(where)
+                    layer.cumulative_length, layer.device = layer.cumulative_length.to(where), where
         return cache
 
     def _reshape(self, bucket: int, length: int, shift: int = 0) -> None:
@@ -96,8 +100,8 @@ class StaticRows:
             self._room(rows, self.column + 1)
         row, start = rows - 1, self.column - length
         for mine, new in zip(self.cache.layers, cache.layers):
-            mine.keys[row, :, start:self.column] = new.keys[0]
-            mine.values[row, :, start:self.column] = new.values[0]
+            mine.keys[row, :, start:self.column] = new.keys[0].to(mine.keys.device)
+            mine.values[row, :, start:self.column] = new.values[0].to(mine.values.device)
         self.starts.append(start)
         self.positions.append(length)
         self._inputs = None
@@ -117,8 +121,8 @@ class StaticRows:
     def leave(self, keep: Sequence[int]) -> None:
         keep = list(keep)
         if keep != list(range(len(keep))):
-            index = torch.tensor(keep, device=self.cache.layers[0].keys.device)
             for layer in self.cache.layers:
+                index = torch.tensor(keep, device=layer.keys.device)
                 layer.keys[:len(keep)] = layer.keys[index]
                 layer.values[:len(keep)] = layer.values[index]
         self.starts = [self.starts[i] for i in keep]
@@ -156,7 +160,7 @@ class StaticRows:
     def _build_inputs(self) -> None:
         """The step's input tensors on the device, rebuilt only when rows or the cache change: the mask (each row
         from its start, padding rows only at the new column), the positions, and where the next token goes."""
-        device = self.cache.layers[0].keys.device
+        device = self.model.get_input_embeddings().weight.device
         rows = len(self.starts)
         columns = torch.arange(self.length, device=device)
         starts = torch.full((self.bucket,), self.column, device=device)
@@ -167,6 +171,14 @@ class StaticRows:
         self._inputs = (torch.zeros(self.bucket, 1, dtype=torch.long, device=device), positions, mask)
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(self.column)
+
+
+def _layer_devices(model, default: torch.device) -> list[torch.device]:
+    """The device of each decoder layer (they differ on a model split across GPUs)."""
+    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    if layers is None:
+        return [default] * model.config.num_hidden_layers
+    return [next((p.device for p in layer.parameters()), default) for layer in layers]
 
 
 def _kv_heads(config) -> int:
