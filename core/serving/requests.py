@@ -46,8 +46,9 @@ class Matcher(Protocol):
 
 
 class Constraint(Protocol):
-    def matcher(self) -> Matcher:
-        """A fresh state for one answer."""
+    def matcher(self, tokenizer) -> Matcher:
+        """A fresh state for one answer, for the tokenizer of the model that answers it (a request queued behind a
+        load is answered by the new model)."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class RequestState:
         if not spec.greedy:
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(spec.seed if spec.seed is not None else torch.seed() % generation.MAX_SEED)
-        self.matcher = spec.constraint.matcher() if spec.constraint is not None else None
+        self.matcher = spec.constraint.matcher(self.tokenizer) if spec.constraint is not None else None
         self.stop = generation.StopText(spec.stop)
         self.clock = generation.FirstTokenClock()
         self.clock.started = self.started
