@@ -92,7 +92,11 @@ def test_the_prompt_uses_the_templates_tool_support_or_the_fallback(tokenizer):
     turns, extra = tools.for_template(tokenizer, conversation, [WEATHER])
     assert extra == {} and turns[0]["role"] == "system" and '"name": "get_weather"' in turns[0]["content"]
     assert turns[2] == {"role": "assistant", "content": '{"name": "get_weather", "arguments": {"city": "Paris"}}'}
-    assert turns[3] == {"role": "user", "content": "Result of get_weather: Sunny"}
+    assert turns[3] == {"role": "user", "content": "Here is the result of get_weather: Sunny. Now answer my "
+                                                   "question in a sentence."}
+    two = tools.fallback(conversation + [{"role": "tool", "content": "Windy.", "tool_call_id": "call_9"}], [])
+    assert len(two) == 3 and two[2]["content"].startswith("Here is the result of get_weather: Sunny. Here is the "
+                                                          "result of the function: Windy. Now")
 
     aware = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     aware.chat_template = ("{% for t in tools or [] %}TOOL {{ t.function.name }}\n{% endfor %}"

@@ -169,11 +169,11 @@ class RequestState:
         """The next token from this request's row of logits ([vocab])."""
         raw = scores.float()
         row = raw[None]
+        if self.matcher is not None:  # before top-k/top-p: they could otherwise keep only tokens the grammar forbids
+            row = self.matcher.mask(row[0])[None]
         if self.processors:
             ids = torch.tensor([self.prompt_ids + self.generated], device=row.device)
             row = self.processors(ids, row)
-        if self.matcher is not None:
-            row = self.matcher.mask(row[0])[None]
         if self.generator is None:
             token = int(row.argmax(-1))
         else:
