@@ -26,7 +26,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from core import fastpath
+from core import fastpath, tools
 from core.errors import InputTooLongError, OutOfMemoryError, SpecError
 from core.loading import LoadedModel
 from core.spec import GenerationSpec
@@ -165,8 +165,15 @@ def _as_text(loaded: LoadedModel, prompt: Prompt, spec: GenerationSpec) -> str:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if spec.system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": spec.system_prompt})
-    if spec.use_chat_template and has_chat_template(loaded):
-        return loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    templated = spec.use_chat_template and has_chat_template(loaded)
+    extra: dict = {}
+    if spec.tools or tools.has_tool_turns(messages):
+        if loaded.family.is_encoder_decoder and not templated:
+            raise SpecError("tools", len(spec.tools), "this text-to-text model reads only the last user message, so "
+                                                      "it cannot be shown tools or their results; leave them out")
+        messages, extra = tools.for_template(loaded.tokenizer if templated else None, messages, spec.tools)
+    if templated:
+        return loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     if loaded.family.is_encoder_decoder:
         return next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
     # Raw completion: the conversation as plain text, the last message as the text to continue.

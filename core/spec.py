@@ -108,6 +108,7 @@ class GenerationSpec:
     stop: tuple[str, ...] = ()  # stop when the answer produces one of these; the answer ends before it
     logprobs: int | None = None  # None: none; 0: each chosen token's log-probability; N: also the N most likely
     constraint: object | None = None  # a core.serving.requests.Constraint: what the answer may be (a JSON schema)
+    tools: tuple[dict, ...] = ()  # functions the model is shown (OpenAI's tool shape; core.tools writes the prompt)
 
 
 # ----------------------------------------------------------------------------- parsing

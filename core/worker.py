@@ -204,6 +204,12 @@ class Worker:
         """Chats in the running batch now."""
         return len(self._running)
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the model now (chats and exclusive jobs not yet started)."""
+        with self._ready:
+            return len(self._pending)
+
     # ------------------------------------------------------------------ the worker thread
 
     def _rows(self) -> int:

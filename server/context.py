@@ -9,6 +9,7 @@ from typing import Any
 from core.worker import Worker
 from server.access import Action, Caller, identify, require
 from server.limits import RateLimiter
+from server.metrics import Metrics
 from server.settings import Settings
 
 
@@ -17,14 +18,15 @@ class AppContext:
     settings: Settings
     worker: Worker
     rate: RateLimiter
+    metrics: Metrics | None = None  # the /metrics registry, beside the API (server.metrics)
 
     @classmethod
     def create(cls, settings: Settings, worker: Worker | None = None) -> AppContext:
         hint = f", APP_QUEUE_SIZE={settings.limits.queue_size}"
-        return cls(settings=settings,
-                   worker=worker or Worker(max_pending=settings.limits.queue_size, limit_hint=hint,
-                                           context=settings.limits.max_input_tokens + settings.limits.max_new_tokens),
-                   rate=RateLimiter(settings.limits.visitor_requests_per_minute))
+        worker = worker or Worker(max_pending=settings.limits.queue_size, limit_hint=hint,
+                                  context=settings.limits.max_input_tokens + settings.limits.max_new_tokens)
+        return cls(settings=settings, worker=worker, rate=RateLimiter(settings.limits.visitor_requests_per_minute),
+                   metrics=Metrics(worker) if settings.api and settings.metrics else None)
 
     def caller(self, request: Any, profile: dict | None = None) -> Caller:
         login = getattr(request, "username", None) if request is not None else None

@@ -27,13 +27,14 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from core import generation
+from core import constrain, generation, tools
 from core.errors import (EngineError, InputTooLongError, ModelNotFoundError, NoModelLoadedError, QueueFullError,
                          SpecError)
-from core.serving.requests import ChatRequest, ChatResult, Finish
+from core.serving.requests import ChatRequest, ChatResult, Finish, TokenLogprob
 from core.spec import MAX_MODEL_CHARS, GenerationSpec, check_text, parse_number
+from core.tools import ToolUse
 from core.worker import Chunk, Job
 from server.access import Action
 from server.context import AppContext
@@ -83,6 +84,7 @@ class Completion:
     spec: GenerationSpec
     stream: bool
     include_usage: bool
+    tools: ToolUse | None = None  # the tools offered (chat only)
 
 
 
@@ -111,11 +113,7 @@ def parse(ctx: AppContext, body: Any, chat: bool, defaults: GenerationSpec) -> C
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
-        prompt: str | list[dict] = []
-        for message in messages:
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise ApiError(400, "each message needs a role of system, user or assistant", param="messages")
-            prompt.append({"role": message["role"], "content": _text(message.get("content"))})
+        prompt: str | list[dict] = [_message(message) for message in messages]
         limits.check_conversation(prompt, field="messages")
     else:
         raw = body.get("prompt")
@@ -143,12 +141,78 @@ def parse(ctx: AppContext, body: Any, chat: bool, defaults: GenerationSpec) -> C
                                                {"greedy": False, "temperature": temperature})
     if top_p is not None and top_p > 0:
         sampling["top_p"] = top_p
+    structured, use = _structured(body, chat)
     spec = GenerationSpec(**{**defaults.__dict__, **sampling, "max_new_tokens": max_tokens, "seed": seed,
-                             "stop": tuple(stop), "use_chat_template": chat, "system_prompt": None})
+                             "stop": tuple(stop), "use_chat_template": chat, "system_prompt": None, **structured})
     generation.validate_generation(spec)  # here, not in the queue: the stop strings' count and lengths above all
     options = body.get("stream_options") or {}
     return Completion(model=model, prompt=prompt, spec=spec, stream=bool(body.get("stream")),
-                      include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
+                      include_usage=bool(isinstance(options, dict) and options.get("include_usage")), tools=use)
+
+
+def _message(message: Any) -> dict:
+    """One chat message: text content, and for tools an assistant's `tool_calls` or a `tool` result with its
+    `tool_call_id` (core.tools reads them into the prompt)."""
+    roles = ("system", "user", "assistant", "tool")
+    if not isinstance(message, dict) or message.get("role") not in roles:
+        raise ApiError(400, "each message needs a role of system, user, assistant or tool", param="messages")
+    role = message["role"]
+    if role == "assistant" and message.get("tool_calls"):
+        return {"role": role, "content": _text(message.get("content") or ""),
+                "tool_calls": tools.parse_tool_calls(message["tool_calls"], "messages")}
+    if role == "tool":
+        if not isinstance(message.get("tool_call_id"), str):
+            raise ApiError(400, "a tool message needs the tool_call_id of the call it answers", param="messages")
+        return {"role": role, "content": _text(message.get("content")), "tool_call_id": message["tool_call_id"]}
+    return {"role": role, "content": _text(message.get("content"))}
+
+
+# OpenAI parameters the app does not implement, with the value that means "off" (sent by some clients as defaults).
+UNSUPPORTED = {"echo": False, "best_of": 1, "suffix": None, "logit_bias": None, "presence_penalty": 0,
+               "frequency_penalty": 0, "functions": None, "function_call": None, "prediction": None, "audio": None}
+
+
+def _structured(body: dict, chat: bool) -> tuple[dict, ToolUse | None]:
+    """What the collaborators' tools ask for (logprobs, response_format, tools) as GenerationSpec fields, and the
+    tools offered; parameters the app does not implement are refused by name rather than ignored."""
+    for name, off in UNSUPPORTED.items():
+        if body.get(name) not in (off, None) and body.get(name) != {}:
+            hint = " (use tools and tool_choice)" if name.startswith("function") else ""
+            raise ApiError(400, f"{name} is not supported here{hint}; leave it out", param=name)
+    use = _tool_use(body, chat)
+    constraint = constrain.from_response_format(body.get("response_format"))
+    if constraint is not None and use is not None and use.constraint is not None:
+        raise ApiError(400, "response_format and a forced tool call (tool_choice) both decide the answer's shape; "
+                            "use one of them", param="response_format")
+    if use is not None and use.constraint is not None:
+        constraint = use.constraint
+    return {"logprobs": _logprobs(body, chat), "constraint": constraint,
+            "tools": use.shown if use is not None else ()}, use
+
+
+def _tool_use(body: dict, chat: bool) -> ToolUse | None:
+    if not chat:
+        for name in ("tools", "tool_choice"):
+            if body.get(name) is not None:
+                raise ApiError(400, f"{name} is for /v1/chat/completions", param=name)
+        return None
+    return tools.parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives to report per token: None for none, 0 for the chosen token's only. Chat takes
+    `logprobs: true` and `top_logprobs`; completions take `logprobs: N`."""
+    name = "top_logprobs" if chat else "logprobs"
+    top = None if body.get(name) is None else parse_number(name, body[name], int, 0, generation.MAX_TOP_LOGPROBS)
+    if not chat:
+        return top
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise ApiError(400, "logprobs must be true or false (top_logprobs sets how many alternatives)",
+                       param="logprobs")
+    if top is not None and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def check_key(ctx: AppContext, request: Request) -> None:
@@ -214,8 +278,35 @@ def _metrics(result: ChatResult) -> dict:
             "total_s": round(metrics.total_s, 4), "answered_together": result.together}
 
 
-def _finish_reason(result: ChatResult) -> str:
-    return "length" if result.finish is Finish.LENGTH else "stop"
+def _finish_reason(result: ChatResult, calls: int = 0) -> str:
+    return "tool_calls" if calls else "length" if result.finish is Finish.LENGTH else "stop"
+
+
+def _chat_logprobs(entries: tuple[TokenLogprob, ...]) -> dict:
+    """OpenAI's chat shape: each token with its log-probability, its UTF-8 bytes and the most likely alternatives."""
+    def item(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def _completion_logprobs(entries: tuple[TokenLogprob, ...], offset: int = 0) -> dict:
+    """The completions shape: parallel lists, each alternative as {token: logprob}, offsets into the text."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
+def _call_json(index: int | None, call_id: str | None, name: str | None, arguments: str) -> dict:
+    """A tool call as a message holds it (no index) or as a stream's delta carries it (no id or name after its
+    first delta)."""
+    function = {"arguments": arguments} if name is None else {"name": name, "arguments": arguments}
+    head = {} if call_id is None else {"id": call_id, "type": "function"}
+    return {**({} if index is None else {"index": index}), **head, "function": function}
 
 
 def routes(ctx: AppContext) -> list:
@@ -224,11 +315,14 @@ def routes(ctx: AppContext) -> list:
     async def guarded(request: Request, handle) -> Any:
         try:
             check_key(ctx, request)
-            return await handle(ctx.admit(request, None, Action.CHAT))
+            response = await handle(ctx.admit(request, None, Action.CHAT))
         except ApiError as error:
-            return error.response()
+            response = error.response()
         except EngineError as error:
-            return from_engine(error).response()
+            response = from_engine(error).response()
+        if ctx.metrics is not None:
+            ctx.metrics.request(request.url.path, getattr(response, "status_code", 200))
+        return response
 
     @router.get("/models")
     async def models(request: Request):
@@ -254,8 +348,8 @@ def routes(ctx: AppContext) -> list:
             completion = parse(ctx, body, chat, snap.defaults)
             job = _job(ctx, completion, None if caller.is_owner else caller.key)
             if completion.stream:
-                return StreamingResponse(_stream(job, completion, chat, request), media_type="text/event-stream")
-            return await _whole(job, completion, chat, request)
+                return StreamingResponse(_stream(ctx, job, completion, chat, request), media_type="text/event-stream")
+            return await _whole(ctx, job, completion, chat, request)
         return await guarded(request, handle)
 
     @router.post("/chat/completions")
@@ -266,7 +360,21 @@ def routes(ctx: AppContext) -> list:
     async def completions(request: Request):
         return await complete(request, chat=False)
 
-    return router.routes
+    if ctx.metrics is None:
+        return router.routes
+    page = APIRouter()
+
+    @page.get("/metrics")
+    async def metrics(request: Request):
+        """Prometheus' text format (server.metrics), behind the API's key when one is set."""
+        try:
+            check_key(ctx, request)
+        except ApiError as error:
+            return error.response()
+        body, content_type = ctx.metrics.page(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+
+    return router.routes + page.routes
 
 
 def _ids(chat: bool) -> tuple[str, str, int]:
@@ -274,53 +382,92 @@ def _ids(chat: bool) -> tuple[str, str, int]:
         int(time.time())
 
 
-async def _whole(job: Job, completion: Completion, chat: bool, request: Request) -> dict:
+def _observe(ctx: AppContext, result: ChatResult | None) -> None:
+    if ctx.metrics is not None and result is not None:
+        ctx.metrics.answered(result, "api")
+
+
+async def _whole(ctx: AppContext, job: Job, completion: Completion, chat: bool, request: Request) -> dict:
     async for _ in _events(job, request):
         pass
     result = job.result
+    _observe(ctx, result)
     if result is None or result.cancelled:
         raise ApiError(499, "The request was cancelled.", code="cancelled")
     ident, kind, created = _ids(chat)
-    reason = _finish_reason(result)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": reason} if chat
-              else {"index": 0, "text": result.text, "finish_reason": reason, "logprobs": None})
+    asked = completion.spec.logprobs is not None
+    if chat:
+        text, calls = tools.read_answer(result.text, completion.tools)
+        message = {"role": "assistant", "content": text or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = [_call_json(None, c.id, c.name, c.arguments) for c in calls]
+        choice = {"index": 0, "message": message, "finish_reason": _finish_reason(result, len(calls)),
+                  "logprobs": _chat_logprobs(result.logprobs) if asked else None}
+    else:
+        choice = {"index": 0, "text": result.text, "finish_reason": _finish_reason(result),
+                  "logprobs": _completion_logprobs(result.logprobs) if asked else None}
     return {"id": ident, "object": kind, "created": created, "model": result.model, "choices": [choice],
             "usage": _usage(result), "metrics": _metrics(result)}
 
 
-async def _stream(job: Job, completion: Completion, chat: bool, request: Request) -> AsyncIterator[str]:
+async def _stream(ctx: AppContext, job: Job, completion: Completion, chat: bool,
+                  request: Request) -> AsyncIterator[str]:
     ident, kind, created = _ids(chat)
     kind += ".chunk" if chat else ""
     served = completion.model
+    asked = completion.spec.logprobs is not None
+    calls = tools.CallStream(completion.tools if chat else None)
+    offset = 0  # characters of the completion's text before this chunk's tokens (its logprobs' text_offset)
 
     def envelope(choices: list, **extra) -> str:
         return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": served,
                                       "choices": choices, **extra}) + "\n\n"
 
-    def chunk(text: str | None, reason: str | None = None, **extra) -> str:
+    def chunk(delta: tools.Delta | None, reason: str | None = None, logprobs: tuple = (), **extra) -> str:
+        nonlocal offset
         if chat:
-            delta = {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+            choice = {"index": 0, "delta": _delta(delta), "finish_reason": reason}
+            if asked:
+                choice["logprobs"] = _chat_logprobs(logprobs) if logprobs else None
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "text": delta.text if delta else "", "finish_reason": reason,
+                      "logprobs": _completion_logprobs(logprobs, offset) if asked and logprobs else None}
+            offset += sum(len(entry.token) for entry in logprobs)
         return envelope([choice], **extra)
 
     try:
         if chat:
             yield envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         async for event in _events(job, request):
-            if isinstance(event, Chunk) and event.value:
-                yield chunk(event.value)
+            if isinstance(event, Chunk) and (event.value or event.logprobs):
+                deltas = calls.feed(event.value) or [None]  # logprobs of held text go out on an empty delta
+                for index, delta in enumerate(deltas):
+                    yield chunk(delta, logprobs=event.logprobs if index == 0 else ())
+        for delta in calls.finish():
+            yield chunk(delta)
         result = job.result
+        _observe(ctx, result)
         if result is None:
             return
+        reason = _finish_reason(result, calls.calls)
         if completion.include_usage:  # OpenAI sends usage once, in a last chunk with no choices
-            yield chunk(None, _finish_reason(result), metrics=_metrics(result))
+            yield chunk(None, reason, metrics=_metrics(result))
             yield envelope([], usage=_usage(result))
         else:
-            yield chunk(None, _finish_reason(result), usage=_usage(result), metrics=_metrics(result))
+            yield chunk(None, reason, usage=_usage(result), metrics=_metrics(result))
     except ApiError as error:
         yield "data: " + json.dumps(error.body()) + "\n\n"
     except EngineError as error:
         yield "data: " + json.dumps(from_engine(error).body()) + "\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _delta(delta: tools.Delta | None) -> dict:
+    """A chat chunk's delta: text, or a tool call's head (id, name) or a piece of its arguments."""
+    if isinstance(delta, tools.Text):
+        return {"content": delta.text}
+    if isinstance(delta, tools.CallHead):
+        return {"tool_calls": [_call_json(delta.index, delta.id, delta.name, "")]}
+    if isinstance(delta, tools.CallArguments):
+        return {"tool_calls": [_call_json(delta.index, None, None, delta.text)]}
+    return {}

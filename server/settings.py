@@ -99,6 +99,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     api: bool = False  # --api / APP_OPENAI_API=1: the OpenAI-compatible endpoint under /v1
     api_key: str | None = field(default=None, repr=False)  # APP_API_KEY: the bearer key it requires
+    metrics: bool = True  # APP_METRICS=0 turns off /metrics (served beside the API)
 
     def start_problem(self) -> str | None:
         """Why the app may not start as configured: an API that would bypass the login, or a Space whose sign-in
@@ -173,5 +174,5 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         trusted_proxies=parse_proxies(env.get("APP_TRUST_PROXY"), bool(space_id), args.share),
         save_dir=saves.save_root(),
         model_dirs=_paths(env.get("APP_MODEL_DIRS", "")), preload=args.preload, limits=Limits.from_env(),
-        api=args.api, api_key=env.get("APP_API_KEY") or None,
+        api=args.api, api_key=env.get("APP_API_KEY") or None, metrics=env.get("APP_METRICS", "1").strip() != "0",
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from core import fastpath, generation
+from core import constrain, fastpath, generation
 from core.errors import SpecError
 from core.serving.requests import ChatRequest
 from core.spec import GenerationSpec, parse_number
@@ -62,7 +62,7 @@ def with_footer(text: str, by: str, stopped: bool) -> str:
 
 
 def generation_spec(ctx: AppContext, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed,
-                    system_prompt) -> GenerationSpec:
+                    system_prompt, answer_json=False, json_schema="") -> GenerationSpec:
     new_tokens = parse_number("max_new_tokens", max_new_tokens, int)
     ctx.settings.limits.check_new_tokens(new_tokens)
     seed_value = None if seed in (None, "") else parse_number("seed", seed, int)
@@ -71,7 +71,16 @@ def generation_spec(ctx: AppContext, max_new_tokens, greedy, temperature, top_p,
                           top_k=parse_number("top_k", top_k, int),
                           repetition_penalty=parse_number("repetition_penalty", repetition_penalty),
                           seed=None if seed_value == -1 else seed_value,
-                          system_prompt=str(system_prompt or "").strip() or None)
+                          system_prompt=str(system_prompt or "").strip() or None,
+                          constraint=constrain.json_answer(bool(answer_json), json_schema))
+
+
+def as_code(text: str, answer_json: bool) -> str:
+    """A JSON answer shows as a code block, fenced by more backticks than any run inside it (a string may hold some)."""
+    if not answer_json:
+        return text
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}json\n{text}\n{fence}"
 
 
 def build(ctx: AppContext) -> ChatTab:
@@ -103,14 +112,20 @@ def build(ctx: AppContext) -> ChatTab:
             top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0: off)")
             repetition_penalty = gr.Slider(0.8, 2.0, value=1.0, label="Repetition penalty")
         system_prompt = gr.Textbox(label="System prompt", value="")
+        with gr.Row():
+            answer_json = gr.Checkbox(label="Answer as JSON", value=False, elem_id="answer-json", scale=1)
+            json_schema = gr.Textbox(label="JSON schema (optional: empty for any JSON object)", lines=3, scale=3,
+                                     placeholder='{"type": "object", "properties": {"city": {"type": "string"}}}',
+                                     elem_id="json-schema")
     pending = gr.State("")
-    sampling = [max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, system_prompt]
+    sampling = [max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, system_prompt,
+                answer_json, json_schema]
 
     @user_errors(ctx)
     def generate(message: str, history: list | None = None, max_new_tokens: int = 128, greedy: bool = True,
                  temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
-                 seed: int = -1, system_prompt: str = "", request: gr.Request = None,
-                 profile: gr.OAuthProfile | None = None):
+                 seed: int = -1, system_prompt: str = "", answer_json: bool = False, json_schema: str = "",
+                 request: gr.Request = None, profile: gr.OAuthProfile | None = None):
         """Streams the answer into the chat; the last update carries the metrics (or says it was stopped)."""
         ctx.admit(request, profile, Action.CHAT)
         text = str(message or "")
@@ -120,7 +135,7 @@ def build(ctx: AppContext) -> ChatTab:
         conversation = conversation_of(history) + [{"role": "user", "content": text}]
         limits.check_conversation(conversation, str(system_prompt or ""))
         spec = generation_spec(ctx, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed,
-                               system_prompt)
+                               system_prompt, answer_json, json_schema)
 
         caller = ctx.caller(request, profile)
         job = ctx.worker.submit_chat(ChatRequest(conversation, spec, visitor=None if caller.is_owner else caller.key,
@@ -136,7 +151,8 @@ def build(ctx: AppContext) -> ChatTab:
                     job.cancel.set()
                 if isinstance(event, Chunk):
                     answer += event.value
-                    yield conversation + [{"role": "assistant", "content": answer}], "Generating…"
+                    shown_answer = as_code(answer, answer_json)
+                    yield conversation + [{"role": "assistant", "content": shown_answer}], "Generating…"
                 elif isinstance(event, Queued):
                     yield shown, jobs.waiting_text(event.ahead)
                 else:
@@ -150,8 +166,11 @@ def build(ctx: AppContext) -> ChatTab:
         if result is None:  # stopped before it joined the batch
             yield conversation + [{"role": "assistant", "content": "*stopped before the model started*"}], "Stopped."
             return
+        if ctx.metrics is not None:
+            ctx.metrics.answered(result, "ui")
         by = render.answered_by(result.model, result.precision)
-        final = conversation + [{"role": "assistant", "content": with_footer(result.text, by, result.cancelled)}]
+        text = as_code(result.text, answer_json)
+        final = conversation + [{"role": "assistant", "content": with_footer(text, by, result.cancelled)}]
         yield final, render.metrics(result, by)
 
     def stop_chat(request: gr.Request = None) -> None:

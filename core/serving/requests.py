@@ -46,8 +46,9 @@ class Matcher(Protocol):
 
 
 class Constraint(Protocol):
-    def matcher(self) -> Matcher:
-        """A fresh state for one answer."""
+    def matcher(self, tokenizer) -> Matcher:
+        """A fresh state for one answer, for the tokenizer of the model that answers it (a request queued behind a
+        load is answered by the new model)."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class RequestState:
         if not spec.greedy:
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(spec.seed if spec.seed is not None else torch.seed() % generation.MAX_SEED)
-        self.matcher = spec.constraint.matcher() if spec.constraint is not None else None
+        self.matcher = spec.constraint.matcher(self.tokenizer) if spec.constraint is not None else None
         self.stop = generation.StopText(spec.stop)
         self.clock = generation.FirstTokenClock()
         self.clock.started = self.started
@@ -168,11 +169,11 @@ class RequestState:
         """The next token from this request's row of logits ([vocab])."""
         raw = scores.float()
         row = raw[None]
+        if self.matcher is not None:  # before top-k/top-p: they could otherwise keep only tokens the grammar forbids
+            row = self.matcher.mask(row[0])[None]
         if self.processors:
             ids = torch.tensor([self.prompt_ids + self.generated], device=row.device)
             row = self.processors(ids, row)
-        if self.matcher is not None:
-            row = self.matcher.mask(row[0])[None]
         if self.generator is None:
             token = int(row.argmax(-1))
         else:
