@@ -36,8 +36,10 @@ def login_check(settings):
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from core import logs
     from server.settings import parse_args
+
+    logs.configure()  # each library warning once, with what it means (core/logs.py)
 
     settings = parse_args(argv)
     if settings.api_problem():
