@@ -44,8 +44,10 @@ def trust_proxies(settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from core import logs
     from server.settings import parse_args
+
+    logs.configure()  # each library warning once, with what it means (core/logs.py)
 
     settings = parse_args(argv)
     if settings.start_problem():

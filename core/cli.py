@@ -9,41 +9,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
+from core import load_form, logs
 from core.errors import EngineError
-from core.spec import (COMPUTE_DTYPES, DTYPES, QUANT_STORAGES, QUANTIZATIONS, GenerationSpec, LoadSpec, QuantSpec,
-                       parse_device_map, parse_max_memory, parse_model)
+from core.spec import GenerationSpec, LoadSpec
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="", help="Hub id or local folder of a causal LM or an encoder-decoder "
-                                                    "(T5, BART); empty: the embedded SmolLM2-135M")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--dtype", default="auto", choices=DTYPES)
-    parser.add_argument("--quant", default="none", choices=QUANTIZATIONS)
-    parser.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES)
-    parser.add_argument("--double-quant", action="store_true")
-    parser.add_argument("--quant-storage", default="uint8", choices=QUANT_STORAGES)
-    parser.add_argument("--int8-threshold", type=float, default=6.0)
-    parser.add_argument("--skip-modules", default="", help="comma-separated module names left unquantized")
-    parser.add_argument("--fp32-cpu-offload", action="store_true")
-    parser.add_argument("--device-map", default="auto")
-    parser.add_argument("--max-memory", default="", help="like '0=600MB,1=1GiB,cpu=8GB'")
-    parser.add_argument("--fast-path", action="store_true")
-    parser.add_argument("--fast-path-compile", action="store_true", help="GPU: also compile the graphed decode step")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    """The load form's fields (core.load_form) as options, plus the launch-only --trust-remote-code."""
+    for f in load_form.FIELDS:
+        if f.kind is bool:
+            parser.add_argument(f.option, dest=f.name, action="store_true", help=f.help)
+        else:
+            choices = f.choices if f.choices and not f.open_choices else None
+            parser.add_argument(f.option, dest=f.name, type=f.kind, default=f.default, choices=choices, help=f.help)
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model's own code from its repo")
 
 
 def load_spec_from(args: argparse.Namespace) -> LoadSpec:
-    quant = QuantSpec(mode=args.quant, compute_dtype=args.compute_dtype, double_quant=args.double_quant,
-                      quant_storage=args.quant_storage, int8_threshold=args.int8_threshold,
-                      skip_modules=tuple(s.strip() for s in args.skip_modules.split(",") if s.strip()),
-                      fp32_cpu_offload=args.fp32_cpu_offload)
-    return LoadSpec(model=parse_model(args.model), revision=args.revision or None, dtype=args.dtype, quant=quant,
-                    device_map=parse_device_map(args.device_map), max_memory=parse_max_memory(args.max_memory),
-                    fast_path=args.fast_path, fast_path_compile=args.fast_path_compile,
-                    trust_remote_code=args.trust_remote_code)
+    return load_form.spec_from(vars(args), trust_remote_code=args.trust_remote_code)
+
+
+class ProgressBar:
+    """One bar on stderr for a load, moved by core's progress callback (one call per tensor while weights load)."""
+
+    def __init__(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=100, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}", leave=False)
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.bar.set_description_str(message.split(":", 1)[0], refresh=False)
+        self.bar.update(max(0, round(fraction * 100) - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _load(args: argparse.Namespace):
+    from core.engine import Engine
+
+    bar = ProgressBar()
+    try:
+        return Engine().load(load_spec_from(args), progress=bar)
+    finally:
+        bar.close()
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -59,9 +71,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from core import generation
-    from core.engine import Engine
 
-    loaded = Engine().load(load_spec_from(args), progress=lambda f, m: print(f"[{f:4.0%}] {m}", file=sys.stderr))
+    loaded = _load(args)
     spec = GenerationSpec(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                           seed=args.seed)
     result = generation.generate(loaded, args.prompt, spec)
@@ -72,11 +83,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _save(args: argparse.Namespace) -> int:
-    from core import hub
-    from core.engine import Engine
+    from core import card, hub
 
-    loaded = Engine().load(load_spec_from(args))
-    result = hub.save(loaded, args.out)
+    loaded = _load(args)
+    result = hub.save(loaded, args.out, card.measure(loaded))
     print(f"saved to {result.folder}: {', '.join(result.files)}")
     return 0
 
@@ -104,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure(logging.WARNING)  # results on stdout, the progress bar and warnings (each once) on stderr
     try:
         return args.run(args)
     except EngineError as error:

@@ -29,6 +29,7 @@ class VariantResult:
     agreement: float | None  # share of token positions equal to the full-precision answer
     compared_tokens: int = 0  # over how many tokens: the length both answers have
     error: str | None = None
+    answer_tokens: int = 0  # how long this answer is
 
 
 def token_agreement(reference: Sequence[int], other: Sequence[int]) -> tuple[float, int]:
@@ -57,6 +58,7 @@ def compare(engine: Engine, prompt: str, modes: Sequence[str] = ("none", "int8",
             except EngineError as error:
                 results.append(VariantResult(mode, "", 0.0, 0, None, error=str(error)))
                 continue
+            progress((index + 0.5) / len(ordered), f"Answering with the {mode} variant")
             generation.generate(loaded, [prompt], GenerationSpec(greedy=True, max_new_tokens=2))  # warm-up
             answer = generation.generate(loaded, [prompt], spec)
             ids = answer.token_ids[0]
@@ -65,7 +67,8 @@ def compare(engine: Engine, prompt: str, modes: Sequence[str] = ("none", "int8",
             agreement, compared = token_agreement(reference, ids) if reference is not None else (None, 0)
             results.append(VariantResult(
                 quantization=mode, text=answer.texts[0], decode_tokens_per_s=answer.metrics.decode_tokens_per_s,
-                footprint_bytes=loaded.report.footprint_bytes, agreement=agreement, compared_tokens=compared))
+                footprint_bytes=loaded.report.footprint_bytes, agreement=agreement, compared_tokens=compared,
+                answer_tokens=len(ids)))
     finally:
         progress(0.95, "Loading your model back")
         engine.load(original)

@@ -114,16 +114,48 @@ def estimate(spec: LoadSpec, context_length: int = 2048, batch_size: int = 1, co
     report = FitReport(model=placed.model, quantization=spec.quant.mode, context_length=context_length,
                        batch_size=batch_size, devices=tuple(devices), offloaded=tuple(placed.offloaded), fixes=())
     if with_fixes and (not report.fits or report.offloaded):
-        report = replace(report, fixes=tuple(suggest_fixes(spec, context_length, batch_size, config)))
+        report = replace(report, fixes=tuple(suggest_fixes(spec, context_length, batch_size, config, report=report)))
     return report
 
 
-def suggest_fixes(spec: LoadSpec, context: int, batch: int, config, limit: int = 3) -> list[Fix]:
-    """Up to `limit` changes that fit, smallest first: a shorter context, 4-bit, both, a CPU share,
-    and, always last, the budget that this exact request needs."""
+def move_layers(spec: LoadSpec, report: FitReport, context: int, batch: int, config) -> Fix | None:
+    """When a budgeted GPU is short while another has room: layers moved to the other GPU, every budget kept.
+
+    A budget here is a device's whole memory (weights, KV cache, activations), while the planner fills a GPU's
+    budget with weights; so layers move by asking the planner for a balanced split, or, when even that leaves the
+    short GPU too full (its first module is large, as the embeddings of a small model are), by putting the whole
+    model on the GPU with the most room."""
+    short = [d.device for d in report.devices if isinstance(d.device, int) and d.shortfall]
+    roomy = [d for d in report.devices if isinstance(d.device, int) and d.budget and d.total < d.budget]
+    if not short or not roomy:
+        return None
+    target = max(roomy, key=lambda d: d.budget - d.total).device
+    candidates = []
+    if spec.device_map != "balanced":
+        candidates.append(Fix(f"Move layers to {device_label(target)}: spread them evenly over the GPUs (device map "
+                              "balanced)", spec.with_(device_map="balanced"), context))
+    candidates.append(Fix(f"Put the whole model on {device_label(target)} (device map cuda:{target}), which has room "
+                          "for it", spec.with_(device_map=(("", target),)), context))
+    for fix in candidates:
+        try:
+            moved = estimate(fix.spec, context, batch, config=config, with_fixes=False)
+        except BudgetTooSmallError:
+            continue
+        if moved.fits and not moved.offloaded:
+            return fix
+    return None
+
+
+def suggest_fixes(spec: LoadSpec, context: int, batch: int, config, limit: int = 3,
+                  report: FitReport | None = None) -> list[Fix]:
+    """Up to `limit` changes that fit, smallest first: layers moved to a GPU with room, a shorter context, 4-bit,
+    both, a CPU share, and, always last, the budget that this exact request needs."""
     shorter = [c for c in (context // 2, context // 4, context // 8) if c >= 256]
     nf4 = spec.with_(quant=replace(spec.quant, mode="nf4", fp32_cpu_offload=False))
     candidates: list[Fix] = []
+    moved = move_layers(spec, report, context, batch, config) if report is not None else None
+    if moved is not None:
+        candidates.append(moved)
     if spec.quant.mode == "int8" and not spec.quant.fp32_cpu_offload:
         candidates.append(Fix("Enable fp32 CPU offload (int8 modules that don't fit run on the CPU)",
                               spec.with_(quant=replace(spec.quant, fp32_cpu_offload=True)), context))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from core import families
 from core.errors import BudgetTooSmallError, SpecError, first_line
-from core.spec import Device, LoadSpec, QuantSpec, for_planning, model_name
+from core.spec import Device, LoadSpec, QuantSpec, for_planning, model_name, size_text
 
 
 @dataclass(frozen=True)
@@ -246,6 +246,13 @@ def normalize_device(device) -> Device:
 def explain_placement_error(error: Exception, spec: LoadSpec) -> BudgetTooSmallError:
     """bitsandbytes' 'Some modules are dispatched on the CPU or the disk' explained, with the fixes."""
     text = str(error)
+    if "dispatched on the CPU or the disk" in text and not any(isinstance(d, int) for d, _ in spec.max_memory):
+        cpu = dict(spec.max_memory).get("cpu")
+        budget = f"The CPU budget (cpu={size_text(cpu)})" if cpu else "The memory budget"
+        return BudgetTooSmallError(
+            f"{budget} cannot hold the whole {spec.quant.mode} model, so some modules would go to disk, which this "
+            "app does not run from. Raise the CPU budget, or leave max memory empty to let the model use the "
+            "memory it needs.")
     if "dispatched on the CPU or the disk" in text:
         smaller = (" or switch to 4-bit (nf4), about half the memory of int8," if spec.quant.mode == "int8"
                    else "")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -186,21 +186,7 @@ def parse_max_memory(value: str | Mapping[str | int, str | int] | None) -> tuple
     if value is None:
         return ()
     if isinstance(value, str):
-        text = value.strip().strip("{}").strip()
-        if not text:
-            return ()
-        pairs: list[tuple[str, str]] = []
-        for item in text.split(","):
-            if not item.strip():
-                continue
-            item = item.strip()
-            sep = "=" if "=" in item else ":"
-            key, found, size = item.rpartition(sep) if sep == ":" else item.partition(sep)
-            if not found or not key.strip() or not size.strip():
-                raise SpecError("max_memory", value, "write device=size pairs separated by commas, "
-                                                     "like '0=600MB, 1=1GiB, cpu=8GB'")
-            pairs.append((key.strip("'\" "), size.strip("'\" ")))
-        items = pairs
+        items = _budget_pairs(value)
     else:
         items = list(value.items())
     budget: dict[Device, int] = {}
@@ -210,6 +196,22 @@ def parse_max_memory(value: str | Mapping[str | int, str | int] | None) -> tuple
             raise SpecError("max_memory", value, f"device {device!r} is named twice")
         budget[device] = parse_size(size)
     return tuple(budget.items())
+
+
+def _budget_pairs(value: str) -> list[tuple[str, str]]:
+    """'0=600MB, 1: 1GiB' -> [('0', '600MB'), ('1', '1GiB')], the words as written."""
+    pairs: list[tuple[str, str]] = []
+    for item in value.strip().strip("{}").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        sep = "=" if "=" in item else ":"
+        key, found, size = item.rpartition(sep) if sep == ":" else item.partition(sep)
+        if not found or not key.strip() or not size.strip():
+            raise SpecError("max_memory", value, "write device=size pairs separated by commas, "
+                                                 "like '0=600MB, 1=1GiB, cpu=8GB'")
+        pairs.append((key.strip("'\" "), size.strip("'\" ")))
+    return pairs
 
 
 def parse_device_map(value: str | Mapping[str, str | int] | None) -> str | tuple[tuple[str, Device], ...]:
@@ -225,6 +227,35 @@ def parse_device_map(value: str | Mapping[str, str | int] | None) -> str | tuple
         raise SpecError("device_map", value, "use 'auto', 'balanced', 'sequential', 'cpu', 'cuda:N', "
                                              "or an explicit map of module names to devices")
     return tuple((str(module), parse_device(device, "device_map")) for module, device in value.items())
+
+
+def parse_names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """'lm_head, model.layers.0' (or a list) -> ('lm_head', 'model.layers.0'): module names, blanks dropped."""
+    parts = str(value or "").split(",") if value is None or isinstance(value, str) else [str(v) for v in value]
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+def size_text(size: int) -> str:
+    """Bytes as the shortest exact size `parse_size` reads back: 1073741824 -> '1GiB', 150000000 -> '150MB'."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("TB", 10**12), ("GB", 10**9),
+                         ("MB", 10**6), ("KiB", 2**10), ("KB", 10**3)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size / 10**6:g}MB" if size >= 10**6 else f"{size}B"
+
+
+def max_memory_text(budget: Mapping[Device, int], written: str = "") -> str:
+    """A budget as the form writes it: 'cpu=8GB, 0=150MB'. Each device keeps the words of `written` (what the
+    user typed) when its size is unchanged, so '1=1GiB' stays '1=1GiB' rather than becoming '1073.74MB'."""
+    try:
+        typed = {parse_device(key): (text, parse_size(text)) for key, text in _budget_pairs(written)}
+    except SpecError:  # what was typed does not parse: every size is written afresh
+        typed = {}
+    shown = []
+    for device, size in budget.items():
+        text, typed_size = typed.get(device, (None, None))
+        shown.append(f"{device}={text if typed_size == size else size_text(size)}")
+    return ", ".join(shown)
 
 
 def _check_choice(field_name: str, value: str, choices: tuple[str, ...]) -> str:

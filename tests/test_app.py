@@ -42,12 +42,19 @@ def answer(client, message=QUESTION, **sampling) -> tuple[str, str]:
 
 
 def test_api_names_and_named_parameters(client):
+    from core import load_form
+
     names = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/plan", "/load_model", "/generate", "/stop", "/set_fast_path", "/save_model", "/push_to_hub",
             "/compare", "/check_fit", "/quality"} <= set(names)
-    params = [p["parameter_name"] for p in names["/load_model"]["parameters"]]
-    assert params[:4] == ["model", "revision", "dtype", "quant"] and "trust_remote_code" not in params
-    assert all(p["parameter_has_default"] for p in names["/load_model"]["parameters"])
+    params = {name: [p["parameter_name"] for p in names[name]["parameters"]] for name in names}
+    form = ["model", "revision", "dtype", "quant", "compute_dtype", "double_quant", "quant_storage", "int8_threshold",
+            "skip_modules", "fp32_cpu_offload", "device_map", "max_memory", "fast_path", "fast_path_compile"]
+    assert list(load_form.NAMES) == form  # the names scripts use, from the form's one table
+    assert params["/load_model"] == params["/plan"] == form and "trust_remote_code" not in params["/load_model"]
+    assert params["/check_fit"] == [*form, "context_length", "batch_size"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in names["/load_model"]["parameters"]}
+    assert defaults == load_form.DEFAULTS
     shown = client.predict(quant="nf4", max_memory="0=100MB, 1=1GiB", api_name="/plan")  # two fields named
     assert "cuda:0" in shown and "cuda:1" in shown and "nf4" in shown
     assert "Planned for 2 GPUs; this machine has no GPU" in shown
@@ -73,10 +80,13 @@ def test_sampling_defaults_come_from_the_models_generation_config(client, checkp
     assert greedy is True and "sets none, so greedy" in note
 
 
-def test_preloaded_default_model_answers(client):
+def test_preloaded_default_model_answers_and_every_answer_keeps_its_author(client):
     history, metrics = ask(client)
     assert history[-1]["role"] == "assistant" and "Paris" in content(history[-1])
     assert "tok/s" in metrics and "TTFT" in metrics and "answered by" in metrics
+    longer, _ = ask(client, "And of Italy?", history=history)
+    labels = [FOOTER.search(content(m)) for m in longer if m["role"] == "assistant"]
+    assert len(labels) == 2 and all(labels)  # the earlier answer keeps its label in the returned chat
 
 
 _RELOAD = """
@@ -120,12 +130,10 @@ def test_stop_mid_answer_then_other_clients_and_actions_complete(app, client):
     assert status.startswith("Stopped") and "stopped · answered by" in content(history[-1])
     partial = FOOTER.sub("", content(history[-1]))
     assert 0 < len(partial.split()) < 300  # a partial answer, not the whole story
-    other = app.client()
-    started = time.perf_counter()
+    other = app.client()  # another client's chat, fast-path toggle and save all complete after the Stop
     assert "Paris" in answer(other)[0]
-    assert "Fast path" in other.predict(False, api_name="/set_fast_path")
+    assert other.predict(False, api_name="/set_fast_path").startswith("Fast path off")
     assert "Saved" in other.predict(api_name="/save_model")
-    assert time.perf_counter() - started < 60
 
 
 def test_sixteen_visitors_at_once_and_a_load_sent_among_them(app):
@@ -164,9 +172,13 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(app):
             for line in stream.iter_lines():
                 if "Generating" in line:
                     break  # tokens are flowing: now go away, as a closed tab does
-    started = time.perf_counter()
-    assert "Paris" in answer(app.client())[0]
-    assert time.perf_counter() - started < 8  # the story (500 tokens, about 20 s here) was stopped
+    deadline = time.time() + 60
+    while "went away; the answer stops" not in app.log() and time.time() < deadline:
+        time.sleep(0.2)
+    assert "went away; the answer stops" in app.log()  # the handler was closed and cancelled its request
+    history, status = ask(app.client())
+    assert "Paris" in content(history[-1])
+    assert "answered together" not in status  # the story left the batch: this answer ran alone
 
 
 def test_bad_inputs_get_readable_errors_and_the_model_keeps_answering(client, app, tmp_path):
@@ -178,6 +190,9 @@ def test_bad_inputs_get_readable_errors_and_the_model_keeps_answering(client, ap
         client.predict(model=str(tmp_path / "nowhere"), api_name="/load_model")
     with pytest.raises(AppError, match="names GPU 0, but this machine has no GPU"):
         client.predict(device_map="cuda:0", api_name="/load_model")
+    with pytest.raises(AppError, match=r"The CPU budget \(cpu=100MB\) cannot hold the whole int8") as cpu_only:
+        client.predict(quant="int8", max_memory="cpu=100MB", api_name="/load_model")
+    assert "GPU" not in str(cpu_only.value)  # a budget that names no GPU gets no GPU advice
     with pytest.raises(AppError, match="type a message first"):
         client.predict(message="  ", api_name="/generate")
     with pytest.raises(AppError, match="not valid: write it as 'your-name/model-name'"):
@@ -185,13 +200,18 @@ def test_bad_inputs_get_readable_errors_and_the_model_keeps_answering(client, ap
     assert "Paris" in answer(client)[0]
     logged = app.log()[start:]
     assert "Traceback" not in logged  # ordinary user errors: one line each, no stack trace
-    assert logged.count(" refused: ") == 5, logged
+    assert logged.count(" refused: ") == 6, logged
 
 
 def test_compare_runs_variants_side_by_side(client):
     table = client.predict(QUESTION, ["none", "nf4", "nf4"], 12, api_name="/compare")
     assert "| none |" in table and "| nf4 |" in table and "100%" in table  # full precision agrees with itself
     assert table.count("| nf4 |") == 1  # each variant once
+    header, _, reference, nf4 = table.splitlines()[:4]
+    assert header.split("|")[3].strip() == "tokens"
+    length = int(reference.split("|")[3])
+    assert 0 < length <= 12 and f"100% of the first {length} |" in reference  # says how long the answer was
+    assert int(nf4.split("|")[3]) > 0 and "% of the first " in nf4
     assert "Paris" in answer(client)[0]  # the user's model is back
 
 
@@ -215,11 +235,22 @@ def test_check_fit_says_what_is_missing_and_offers_fixes(client, app):
     assert "Planned for 1 GPU; this machine has no GPU" in shown
     fits = client.predict(quant="nf4", context_length=512, batch_size=1, api_name="/check_fit")[0]
     assert fits.startswith("**Fits**")
+    two = client.predict(quant="int8", max_memory="0=150MB, 1=1GiB", api_name="/check_fit")[0]
+    assert "needs 41 MiB more on cuda:0" in two  # while cuda:1 has room: the first fix moves the model there
+    assert two.split("press *Apply fix*):\n")[1].startswith("- Put the whole model on cuda:1")
     assert "is not available, available devices are" not in app.log()  # planning for absent GPUs is the point
 
 
-def test_quality_check_compares_with_full_precision(client):
+def test_int8_chats_leave_a_quiet_log_and_the_quality_check_compares_with_full_precision(client, app):
     client.predict(quant="int8", api_name="/load_model")
+    start = len(app.log())
+    for _ in range(5):
+        assert answer(client, max_new_tokens=4)[1].endswith("int8")
+    logged = app.log()[start:]
+    cast = [line for line in logged.splitlines() if "inputs will be cast" in line]
+    assert 1 <= len(cast) <= 2, len(cast)  # said once (bitsandbytes says it at every int8 matmul), with its meaning
+    assert "LLM.int8() quantizes each layer's input from float16" in cast[0]
+    assert "Failed to load CPU gemm_4bit_forward" not in app.log()  # (said only on CPUs with AVX512-BF16)
     shown = client.predict(api_name="/quality")
     assert "Quality of int8" in shown and "next-token agreement" in shown and "| 100% |" in shown
     assert "lower perplexity is better" in shown

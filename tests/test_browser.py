@@ -32,13 +32,10 @@ def open_page(browser, url: str, width: int = 1280, height: int = 900):
 
 
 def open_tab(page, name: str) -> None:
-    """Clicks a tab, through the "More tabs" menu where a narrow screen folds it away."""
+    """Clicks a tab; every tab is in the tab bar on any screen (the bar wraps), none behind a "more" menu."""
     tab = page.get_by_role("tab", name=name)
-    if tab.is_visible():
-        tab.click()
-        return
-    page.get_by_role("button", name="More tabs").click()
-    page.get_by_role("button", name=name, exact=True).filter(visible=True).click()
+    assert tab.is_visible(), f"the {name} tab is not in the tab bar"
+    tab.click()
 
 
 WATCH_STATUS = """() => {
@@ -56,6 +53,15 @@ def wait_for_new_answer(page, timeout_ms: int = 120_000) -> None:
     page.wait_for_function("() => { const s = window.__status; const i = s.findIndex(t => t.startsWith('Waiting')"
                            " || t.startsWith('Generating')); return i >= 0 && s.slice(i).some(t => t.includes("
                            "'tok/s')); }", timeout=timeout_ms)
+
+
+def lines_per_cell(page, cells: str) -> list[tuple[str, int]]:
+    """Each table cell matched by the CSS selector `cells`: its text and the number of lines the browser drew it on."""
+    return [tuple(cell) for cell in page.evaluate("""selector => [...document.querySelectorAll(selector)].map(cell => {
+      const range = document.createRange();
+      range.selectNodeContents(cell);
+      return [cell.innerText.trim(), new Set([...range.getClientRects()].map(r => Math.round(r.top))).size];
+    })""", cells)]
 
 
 def shot(page, name: str) -> None:
@@ -121,7 +127,7 @@ def test_chat_save_chat_again_and_reload_the_save(browser, app):
     expect(page.get_by_text("Saved", exact=False).first).to_be_visible(timeout=180_000)
     shot(page, "saved")
     page.get_by_role("tab", name="Generate").click()
-    page.get_by_role("button", name="Clear chat").click()
+    page.get_by_role("button", name="New chat").click()
     send(page, QUESTION)
     assert last_answer(page) == first
     folder = max(app.save_dir.glob("*"), key=lambda p: p.stat().st_mtime)

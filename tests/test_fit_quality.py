@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import QUESTION, quant_state_bytes
-from core import fit, generation, hub, quality
+from core import card, fit, generation, hub, quality
 from core.engine import Engine
 from core.errors import SaveError
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_max_memory
@@ -78,6 +78,6 @@ def test_quality_check_against_full_precision_and_in_the_card(checkpoint, tmp_pa
     assert same.agreement == 1.0 and same.perplexity == pytest.approx(same.reference_perplexity)
     engine.load(LoadSpec(quant=QuantSpec(mode="nf4")))
     quality.check(engine)
-    hub.save(engine.current, tmp_path / "card")
-    card = (tmp_path / "card" / "README.md").read_text()
-    assert "next-token agreement with full precision" in card and "**Answer:**" in card and "Paris" in card
+    hub.save(engine.current, tmp_path / "card", card.measure(engine.current))
+    written = (tmp_path / "card" / "README.md").read_text()
+    assert "next-token agreement with full precision" in written and "**Answer:**" in written and "Paris" in written

@@ -1,168 +1,179 @@
 """The Model tab: what to load and how (quantization, placement, fast path), Plan, Will it fit?, Load.
 
-Plan and the fit check read only a config and build the model on the meta device, so they run in
-the handler's thread and never wait for the model worker. Load is a worker job. Every handler has
-named parameters with defaults (the components' values), so scripts may name only what they change:
-`client.predict(quant="nf4", api_name="/load_model")`.
+The form's fields come from one table (core.load_form): their components here, the named parameters of `/plan`,
+`/check_fit` and `/load_model` (so scripts name only what they change:
+`client.predict(quant="nf4", api_name="/load_model")`), and the command line's options. Plan and the fit check
+read only a config and build the model on the meta device, so they run in the handler's thread and never wait for
+the model worker. Load is a worker job. A result says what it was computed for and is marked once the form changes.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import gradio as gr
 
-from core import fit, loading, placement
-from core.spec import (COMPUTE_DTYPES, DEVICE_MAP_NAMES, DTYPES, QUANT_LABELS, QUANT_STORAGES, GenerationSpec,
-                       LoadSpec, QuantSpec, parse_device_map, parse_max_memory, parse_number)
+from core import fit, load_form, loading, placement
+from core.load_form import Field
+from core.spec import LoadSpec, max_memory_text, parse_number
 from server.access import Action, Caller, checked_model
-from ui import jobs, render
 from server.context import AppContext
-from ui.errors import user_errors
+from ui import jobs, render
+from ui.errors import last_error
+from ui.handlers import handler, with_load_form
 
 OUTDATED = "**Outdated**: the form has changed since this was computed; press the button again.\n\n"
-QUANT_CHOICES = [(label, mode) for mode, label in QUANT_LABELS.items()]
+# How the form lays out on a wide screen; on a phone each row wraps at its fields' minimum widths.
+LOOK = {"model": dict(scale=3, min_width=280), "revision": dict(scale=1, min_width=140),
+        "dtype": dict(scale=1, min_width=140), "max_memory": dict(scale=2, min_width=240),
+        "fast_path": dict(min_width=160), "fast_path_compile": dict(scale=2, min_width=240)}
 
 
 @dataclass
 class ModelTab:
-    fields: list
+    form: dict[str, gr.components.Component]  # by load_form field name, in the table's order
     load_button: gr.Button
     load_out: gr.Markdown
-    load_handler: object = None  # wired in ui.blocks: its outputs include the Generate tab's sampling controls
+    load_error: gr.Markdown
+    plan_out: gr.Markdown
+    fit_out: gr.Markdown
+
+    @property
+    def fields(self) -> list:
+        return list(self.form.values())
+
+    @property
+    def fast_path(self) -> gr.Checkbox:
+        return self.form["fast_path"]
 
 
-def load_spec(ctx: AppContext, caller: Caller, model, revision, dtype, quant, compute_dtype, double_quant,
-              quant_storage, int8_threshold, skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path,
-              fast_path_compile) -> LoadSpec:
-    skip = tuple(s.strip() for s in str(skip_modules or "").split(",") if s.strip())
-    return LoadSpec(
-        model=checked_model(caller, ctx.settings, model), revision=str(revision or "").strip() or None,
-        dtype=str(dtype), quant=QuantSpec(mode=str(quant), compute_dtype=str(compute_dtype),
-                                          double_quant=bool(double_quant), quant_storage=str(quant_storage),
-                                          int8_threshold=parse_number("int8_threshold", int8_threshold),
-                                          skip_modules=skip, fp32_cpu_offload=bool(fp32_cpu_offload)),
-        device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory), fast_path=bool(fast_path),
-        fast_path_compile=bool(fast_path_compile), trust_remote_code=ctx.settings.trust_remote_code,
-        use_server_token=caller.is_owner)
+def component(f: Field) -> gr.components.Component:
+    """The form's component for a field, not yet placed (the layout renders it)."""
+    common = dict(label=f.label, value=f.default, elem_id=f"form-{f.name.replace('_', '-')}", render=False,
+                  **LOOK.get(f.name, {}))
+    if f.kind is bool:
+        return gr.Checkbox(**common)
+    if f.kind is float:
+        return gr.Number(**common)
+    if f.choice_labels:
+        return gr.Radio(list(f.choice_labels), **common)
+    if f.choices:
+        return gr.Dropdown(list(f.choices), allow_custom_value=f.open_choices, **common)
+    return gr.Textbox(placeholder=f.example, info=f.help, **common)
+
+
+def spec_for(ctx: AppContext, caller: Caller, form: dict) -> LoadSpec:
+    """The form as a LoadSpec for this caller: the model as the caller may name it, the launch options decided."""
+    return load_form.spec_from(form, model=checked_model(caller, ctx.settings, form.get("model")),
+                               trust_remote_code=ctx.settings.trust_remote_code, use_server_token=caller.is_owner)
+
+
+@with_load_form
+def plan(ctx: AppContext, form: dict, request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> str:
+    caller = ctx.admit(request, profile, Action.PLAN)
+    return render.plan(placement.plan(spec_for(ctx, caller, form)), loading.cuda_device_count())
+
+
+@with_load_form
+def check_fit(ctx: AppContext, form: dict, context_length: int = 2048, batch_size: int = 1,
+              request: gr.Request = None, profile: gr.OAuthProfile | None = None):
+    caller = ctx.admit(request, profile, Action.PLAN)
+    context, batch = parse_number("context_length", context_length, int), parse_number("batch_size", batch_size, int)
+    report = fit.estimate(spec_for(ctx, caller, form), context_length=context, batch_size=batch)
+    labels = [fix_label(f) for f in report.fixes]
+    return (render.fit_report(report, loading.cuda_device_count()),
+            gr.update(choices=labels, value=labels[0] if labels else None), list(report.fixes), "")
+
+
+@with_load_form
+def load_model(ctx: AppContext, form: dict, request: gr.Request = None, profile: gr.OAuthProfile | None = None,
+               progress=gr.Progress()):
+    """Loads on the worker; returns the report, the fast-path state and the new model's sampling defaults."""
+    caller = ctx.admit(request, profile, Action.LOAD)
+    spec = spec_for(ctx, caller, form)
+    jobs.run(ctx, lambda engine, job: engine.load(spec, progress=job.progress) and None, "load", request, progress)
+    snap = ctx.worker.snapshot  # published before the load's job ended
+    return (render.load(snap.report, snap.fast_path), snap.fast_path.enabled,
+            *sampling_updates(snap.defaults, snap.defaults_note))
 
 
 def build(ctx: AppContext) -> ModelTab:
+    form = {f.name: component(f) for f in load_form.FIELDS}
     with gr.Row():
-        model = gr.Textbox(label="Model (Hub id or local folder; empty: embedded SmolLM2-135M-Instruct)", value="",
-                           placeholder="HuggingFaceTB/SmolLM2-360M-Instruct", scale=3,
-                           info="A causal LM (Llama, Qwen, SmolLM, ...) or an encoder-decoder (T5, Flan-T5, BART, "
-                                "...): the kind is read from its config.")
-        revision = gr.Textbox(label="Revision (Hub models)", value="", placeholder="main", scale=1)
-        dtype = gr.Dropdown(list(DTYPES), value="auto", label="dtype", scale=1)
-    quant = gr.Radio(QUANT_CHOICES, value="none", label="Quantization (bitsandbytes)")
+        for name in ("model", "revision", "dtype"):
+            form[name].render()
+    form["quant"].render()
     with gr.Accordion("Quantization settings", open=False):
         with gr.Row():
-            compute_dtype = gr.Dropdown(list(COMPUTE_DTYPES), value="auto", label="4-bit compute dtype")
-            double_quant = gr.Checkbox(label="4-bit double quantization", value=False)
-            quant_storage = gr.Dropdown(list(QUANT_STORAGES), value="uint8", label="4-bit quant storage")
+            for name in ("compute_dtype", "double_quant", "quant_storage"):
+                form[name].render()
         with gr.Row():
-            int8_threshold = gr.Number(value=6.0, label="LLM.int8() outlier threshold")
-            skip_modules = gr.Textbox(label="Modules to skip (comma-separated)", value="", placeholder="lm_head")
-            fp32_cpu_offload = gr.Checkbox(label="fp32 CPU offload", value=False)
+            for name in ("int8_threshold", "skip_modules", "fp32_cpu_offload"):
+                form[name].render()
     with gr.Row():
-        device_map = gr.Dropdown([*DEVICE_MAP_NAMES, "cuda:0"], value="auto",
-                                 allow_custom_value=True, label="Device map")
-        max_memory = gr.Textbox(label="Max memory per device", value="", placeholder="0=600MB, 1=1GiB, cpu=8GB")
-        fast_path = gr.Checkbox(label="Fast path", value=False)
-        fast_path_compile = gr.Checkbox(label="GPU: compile the decode step (~40 s once, +25%)", value=False)
-    fields = [model, revision, dtype, quant, compute_dtype, double_quant, quant_storage, int8_threshold,
-              skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path, fast_path_compile]
+        for name in ("device_map", "max_memory"):
+            form[name].render()
+    with gr.Row():
+        for name in ("fast_path", "fast_path_compile"):
+            form[name].render()
+    unplaced = [name for name, c in form.items() if not c.is_rendered]
+    if unplaced:
+        raise RuntimeError(f"every field of core.load_form needs a place in the Model tab's layout: {unplaced}")
     with gr.Row():
         plan_button = gr.Button("Plan")
         load_button = gr.Button("Load", variant="primary")
-    plan_out = gr.Markdown()
+    load_error = gr.Markdown(elem_id="load-error")
+    plan_out = gr.Markdown(elem_id="plan-out")
     with gr.Accordion("Will it fit? (weights + KV cache + activations)", open=False):
         with gr.Row():
-            context_length = gr.Number(value=2048, precision=0, label="Context length (tokens)")
-            batch_size = gr.Number(value=1, precision=0, label="Batch size")
-            fit_button = gr.Button("Will it fit?")
-        fit_out = gr.Markdown()
+            context_length = gr.Number(value=2048, precision=0, label="Context length (tokens)", min_width=140)
+            batch_size = gr.Number(value=1, precision=0, label="Batch size", min_width=100)
+            fit_button = gr.Button("Will it fit?", min_width=120)
+        fit_out = gr.Markdown(elem_id="fit-out")
         with gr.Row():
-            fix_choice = gr.Dropdown([], label="Fix", interactive=True, scale=3)
-            fix_button = gr.Button("Apply fix", scale=1)
+            fix_choice = gr.Dropdown([], label="Fix", interactive=True, scale=3, min_width=240)
+            fix_button = gr.Button("Apply fix", scale=1, min_width=120)
         fix_error = gr.Markdown()
         fixes = gr.State([])
-    load_out = gr.Markdown("No model loaded yet.")
-    tab = ModelTab(fields=fields, load_button=load_button, load_out=load_out)
+    load_out = gr.Markdown("No model loaded yet.", elem_id="load-out")
+    tab = ModelTab(form=form, load_button=load_button, load_out=load_out, load_error=load_error, plan_out=plan_out,
+                   fit_out=fit_out)
+    fields = tab.fields
 
-    @user_errors(ctx)
-    def plan(model: str = "", revision: str = "", dtype: str = "auto", quant: str = "none",
-             compute_dtype: str = "auto", double_quant: bool = False, quant_storage: str = "uint8",
-             int8_threshold: float = 6.0, skip_modules: str = "", fp32_cpu_offload: bool = False,
-             device_map: str = "auto", max_memory: str = "", fast_path: bool = False, fast_path_compile: bool = False,
-             request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> str:
-        caller = ctx.admit(request, profile, Action.PLAN)
-        spec = load_spec(ctx, caller, model, revision, dtype, quant, compute_dtype, double_quant, quant_storage,
-                         int8_threshold, skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path,
-                         fast_path_compile)
-        return render.plan(placement.plan(spec), loading.cuda_device_count())
-
-    @user_errors(ctx)
-    def check_fit(model: str = "", revision: str = "", dtype: str = "auto", quant: str = "none",
-                  compute_dtype: str = "auto", double_quant: bool = False, quant_storage: str = "uint8",
-                  int8_threshold: float = 6.0, skip_modules: str = "", fp32_cpu_offload: bool = False,
-                  device_map: str = "auto", max_memory: str = "", fast_path: bool = False,
-                  fast_path_compile: bool = False, context_length: int = 2048, batch_size: int = 1,
-                  request: gr.Request = None, profile: gr.OAuthProfile | None = None):
-        caller = ctx.admit(request, profile, Action.PLAN)
-        spec = load_spec(ctx, caller, model, revision, dtype, quant, compute_dtype, double_quant, quant_storage,
-                         int8_threshold, skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path,
-                         fast_path_compile)
-        report = fit.estimate(spec, context_length=parse_number("context_length", context_length, int),
-                              batch_size=parse_number("batch_size", batch_size, int))
-        labels = [fix_label(f) for f in report.fixes]
-        return (render.fit_report(report, loading.cuda_device_count()),
-                gr.update(choices=labels, value=labels[0] if labels else None), list(report.fixes), "")
-
-    def apply_fix(label: str, chosen_fixes: list):
-        """Sets the form to the chosen fix; with no fix chosen, says so beside the button and changes nothing."""
-        chosen = next((f for f in chosen_fixes or [] if fix_label(f) == label), None)
-        if chosen is None:
-            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(),
-                    "Run *Will it fit?* first, then pick one of the fixes it lists.")
-        spec = chosen.spec
-        note = "" if loadable_here(spec) else ("The form now holds a fix for a machine with the GPUs it names; this "
-                                               "machine can plan it but not load it.")
-        return (spec.quant.mode, spec.quant.fp32_cpu_offload, render.max_memory_text(dict(spec.max_memory)),
-                chosen.context_length, note)
-
-    @user_errors(ctx)
-    def load_model(model: str = "", revision: str = "", dtype: str = "auto", quant: str = "none",
-                   compute_dtype: str = "auto", double_quant: bool = False, quant_storage: str = "uint8",
-                   int8_threshold: float = 6.0, skip_modules: str = "", fp32_cpu_offload: bool = False,
-                   device_map: str = "auto", max_memory: str = "", fast_path: bool = False,
-                   fast_path_compile: bool = False, request: gr.Request = None,
-                   profile: gr.OAuthProfile | None = None, progress=gr.Progress()):
-        caller = ctx.admit(request, profile, Action.LOAD)
-        spec = load_spec(ctx, caller, model, revision, dtype, quant, compute_dtype, double_quant, quant_storage,
-                         int8_threshold, skip_modules, fp32_cpu_offload, device_map, max_memory, fast_path,
-                         fast_path_compile)
-
-        jobs.run(ctx, lambda engine, job: engine.load(spec, progress=job.progress) and None, "load", request, progress)
-        snap = ctx.worker.snapshot  # published before the load's job ended
-        return (render.load(snap.report, snap.fast_path), snap.fast_path.enabled,
-                *sampling_updates(snap.defaults, snap.defaults_note))
-
-    tab.load_handler = load_model
-
-    for field in fields:  # a result says what it was computed for, and is marked once its inputs change
-        field.change(outdated, [plan_out, fit_out], [plan_out, fit_out], queue=False, api_visibility="private",
-                     show_progress="hidden")
+    for field in fields:  # a result says what it was computed for, and is marked once the user changes the form
+        field.input(outdated, [plan_out, fit_out], [plan_out, fit_out], queue=False, api_visibility="private",
+                    show_progress="hidden")
     for field in (context_length, batch_size):
-        field.change(outdated, fit_out, fit_out, queue=False, api_visibility="private", show_progress="hidden")
-    plan_button.click(plan, fields, plan_out, api_name="plan", concurrency_limit=2, concurrency_id="planning")
-    fit_button.click(check_fit, [*fields, context_length, batch_size], [fit_out, fix_choice, fixes, fix_error],
-                     api_name="check_fit", concurrency_limit=2, concurrency_id="planning",
-                     show_progress_on=[fit_out])
-    fix_button.click(apply_fix, [fix_choice, fixes], [quant, fp32_cpu_offload, max_memory, context_length, fix_error],
-                     api_visibility="private", show_progress_on=[fix_error])
+        field.input(outdated, fit_out, fit_out, queue=False, api_visibility="private", show_progress="hidden")
+    plan_button.click(handler(ctx, plan), fields, plan_out, api_name="plan", concurrency_limit=2,
+                      concurrency_id="planning").failure(last_error, None, plan_out, api_visibility="private",
+                                                         queue=False)
+    fit_button.click(handler(ctx, check_fit), [*fields, context_length, batch_size],
+                     [fit_out, fix_choice, fixes, fix_error], api_name="check_fit", concurrency_limit=2,
+                     concurrency_id="planning", show_progress_on=[fit_out]).failure(
+        last_error, None, fit_out, api_visibility="private", queue=False)
+    fix_button.click(functools.partial(apply_fix, tab, context_length, fix_error),
+                     [fix_choice, fixes, form["max_memory"], plan_out, fit_out],
+                     [*fields, context_length, fix_error, plan_out, fit_out], api_visibility="private",
+                     show_progress_on=[fix_error])
     return tab
+
+
+def apply_fix(tab: ModelTab, context_length: gr.Number, fix_error: gr.Markdown, label: str, chosen_fixes: list,
+              typed_budget: str, plan_shown: str, fit_shown: str) -> dict:
+    """Sets the whole form to the chosen fix, keeping the budget's words where a size is unchanged; with no fix
+    chosen, says so beside the button and changes nothing."""
+    chosen = next((f for f in chosen_fixes or [] if fix_label(f) == label), None)
+    if chosen is None:
+        return {fix_error: "Run *Will it fit?* first, then pick one of the fixes it lists."}
+    values = load_form.values_of(chosen.spec)
+    values["max_memory"] = max_memory_text(dict(chosen.spec.max_memory), str(typed_budget or ""))
+    note = "" if loadable_here(chosen.spec) else ("The form now holds a fix for a machine with the GPUs it names; "
+                                                  "this machine can plan it but not load it.")
+    plan_marked, fit_marked = outdated(plan_shown, fit_shown)
+    return {**{tab.form[name]: value for name, value in values.items()}, context_length: chosen.context_length,
+            fix_error: note, tab.plan_out: plan_marked, tab.fit_out: fit_marked}
 
 
 def outdated(*shown: str):
@@ -173,7 +184,8 @@ def outdated(*shown: str):
 
 def loadable_here(spec: LoadSpec) -> bool:
     """Whether this machine could load `spec`: it names no GPU the machine lacks."""
-    gpus = [d for d, _ in spec.max_memory if isinstance(d, int)]
+    mapped = [] if isinstance(spec.device_map, str) else [d for _, d in spec.device_map]
+    gpus = [d for d in [*dict(spec.max_memory), *mapped] if isinstance(d, int)]
     return all(g < loading.cuda_device_count() for g in gpus)
 
 
@@ -181,7 +193,16 @@ def fix_label(fix: fit.Fix) -> str:
     return fix.label if loadable_here(fix.spec) else f"{fix.label} (for a machine with that GPU; not this one)"
 
 
-def sampling_updates(defaults: GenerationSpec, source: str) -> tuple:
+def form_values(spec: LoadSpec, fast_path: bool, show_paths: bool) -> dict[str, object]:
+    """The form that loads `spec` again, with the fast path as it is now; a local folder by its name alone for a
+    caller who may not see server paths."""
+    values = {**load_form.values_of(spec), "fast_path": fast_path}
+    if not show_paths and str(values["model"]).startswith("/"):
+        values["model"] = str(values["model"]).rsplit("/", 1)[-1]
+    return values
+
+
+def sampling_updates(defaults, source: str) -> tuple:
     """Values for the Generate tab's sampling controls and the note that says where they came from."""
     return (defaults.greedy, defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty,
             source)

@@ -72,7 +72,8 @@ def load(report: LoadReport, fast: FastPathState) -> str:
         f"| dtype | {report.dtype} |",
         f"| footprint | {mib(report.footprint_bytes)} |",
         f"| parameters | {report.parameters:,} |",
-        f"| stored tensors | {report.stored_elements:,} elements (quantized weights packed) |",
+        f"| stored tensors | {report.stored_elements:,} elements"
+        f"{' (quantized weights packed)' if report.stored_elements != report.parameters else ''} |",
         f"| placement | {where} |",
         f"| attention | {report.attn_implementation} |",
         "", fast.summary(),
@@ -109,17 +110,19 @@ def pushed(result: PushResult) -> str:
 
 
 def comparison(rows: Sequence[VariantResult]) -> str:
-    lines = ["| variant | answer | tok/s | footprint | agreement with full precision |", "|---|---|---|---|---|"]
+    lines = ["| variant | answer | tokens | tok/s | footprint | agreement with full precision |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         if row.error:
-            lines.append(f"| {esc(row.quantization)} | failed: {esc(row.error)} | | | |")
+            lines.append(f"| {esc(row.quantization)} | failed: {esc(row.error)} | | | | |")
             continue
-        agreement = (f"{row.agreement:.0%} of {row.compared_tokens} tokens" if row.agreement is not None
+        agreement = (f"{row.agreement:.0%} of the first {row.compared_tokens}" if row.agreement is not None
                      else "n/a")
-        lines.append(f"| {esc(row.quantization)} | {esc(row.text)} | {row.decode_tokens_per_s:.1f} | "
-                     f"{mib(row.footprint_bytes)} | {agreement} |")
+        lines.append(f"| {esc(row.quantization)} | {esc(row.text)} | {row.answer_tokens} | "
+                     f"{row.decode_tokens_per_s:.1f} | {mib(row.footprint_bytes)} | {agreement} |")
     return "\n".join(lines + ["", "Agreement: the share of answer tokens equal to full precision's, over the length "
-                                    "both answers have; speed measured after a warm-up."])
+                                    "both answers have (the shorter answer's tokens); speed measured after a "
+                                    "warm-up."])
 
 
 def fit_report(report: FitReport, gpus_here: int) -> str:
@@ -153,7 +156,3 @@ def quality_report(report: QualityReport) -> str:
         f"| next-token agreement with full precision | {report.agreement:.1%} | 100% |",
         "", f"Scored: {report.method}.",
     ])
-
-
-def max_memory_text(budget: dict) -> str:
-    return ", ".join(f"{device}={size / 1e6:g}MB" for device, size in budget.items())
