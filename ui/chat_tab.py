@@ -243,7 +243,8 @@ def build(ctx: AppContext) -> ChatTab:
         system_prompt = gr.Textbox(label="System prompt", value="")
         with gr.Row():
             answer_json = gr.Checkbox(label="Answer as JSON", value=False, elem_id="answer-json", scale=1)
-            json_schema = gr.Textbox(label="JSON schema (optional: empty for any JSON object)", lines=3, scale=3,
+            json_schema = gr.Textbox(label="JSON schema (optional: empty for any JSON object)", value="", lines=3,
+                                     scale=3,
                                      placeholder='{"type": "object", "properties": {"city": {"type": "string"}}}',
                                      elem_id="json-schema")
     pending = gr.State("")
