@@ -115,7 +115,7 @@ def test_a_browser_chat_and_an_api_stream_sent_together_are_answered_together(ap
                 api_text.append(chunk.choices[0].delta.content)
 
     worker = threading.Thread(target=stream)
-    send(page, QUESTION)
+    send(page, "Write a long story about a lighthouse keeper.")  # long: the API stream joins while it runs
     worker.start()
     worker.join(120)
     page.wait_for_function("() => window.__times.some(([_, t]) => t.includes('tok/s'))", timeout=120_000)
