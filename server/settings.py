@@ -92,7 +92,7 @@ class Settings:
     space_author: str | None = None  # SPACE_AUTHOR_NAME: the user or organization that owns the Space
     ignored_space_id: str | None = None  # SPACE_ID set where Gradio sees no Space (a copied configuration)
     trust_remote_code: bool = False
-    trusted_proxies: tuple[str, ...] = ()  # APP_TRUST_PROXY: whose X-Forwarded-For names the visitor (see below)
+    trusted_proxies: tuple[str, ...] = ()  # APP_TRUST_PROXY: whose X-Forwarded-For counts (parse_proxies)
     save_dir: Path = field(default_factory=saves.save_root)
     model_dirs: tuple[Path, ...] = ()
     preload: bool = True
