@@ -176,7 +176,7 @@ def _structured(body: dict, chat: bool) -> tuple[dict, ToolUse | None]:
     """What the collaborators' tools ask for (logprobs, response_format, tools) as GenerationSpec fields, and the
     tools offered; parameters the app does not implement are refused by name rather than ignored."""
     for name, off in UNSUPPORTED.items():
-        if body.get(name) not in (off, None) and body.get(name) != {}:
+        if body.get(name) not in (off, None, "", {}, []):
             hint = " (use tools and tool_choice)" if name.startswith("function") else ""
             raise ApiError(400, f"{name} is not supported here{hint}; leave it out", param=name)
     use = _tool_use(body, chat)

@@ -61,6 +61,11 @@ def test_the_mask_allows_only_what_continues_the_schema_and_the_end_only_when_co
         matcher.accept(token)
     assert matcher.is_terminated() and not torch.isinf(matcher.mask(scores)[eos])
     assert constrain.tokenizer_index(tokenizer) is constrain.tokenizer_index(tokenizer)  # built once
+    any_object = constrain.from_response_format({"type": "json_object"}).matcher(tokenizer)
+    for token in tokenizer.encode('{"a": [1, "x"]}', add_special_tokens=False):
+        assert not torch.isinf(any_object.mask(scores)[token])
+        any_object.accept(token)
+    assert any_object.is_terminated()
 
 
 def test_tools_and_tool_choice_are_checked_and_a_forced_call_is_constrained():

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from conftest import QUESTION, ROOT, AppProcess, subprocess_env
+from test_app import content
 
 KEY = "sk-test-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
@@ -237,6 +238,7 @@ def test_metrics_parse_with_prometheus_clients_parser_and_move_after_a_request(a
     secret = "My locker code is 4417, what is the capital of France?"
     reply = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=5,
                                            messages=[{"role": "user", "content": secret}])
+    api_app.client().predict(message=secret, greedy=True, max_new_tokens=3, api_name="/generate")  # the page's chat
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, n=2, messages=[{"role": "user", "content": "hi"}])
     after, text = scrape()
@@ -244,6 +246,8 @@ def test_metrics_parse_with_prometheus_clients_parser_and_move_after_a_request(a
     assert after[("app_requests_total", (("route", "/v1/chat/completions"), ("status", "400")))] >= 1
     assert after[tokens] == before.get(tokens, 0) + reply.usage.completion_tokens
     assert after[ttft] == before.get(ttft, 0) + 1
+    ui_tokens = ("app_generated_tokens_total", (("source", "ui"),))
+    assert after[ui_tokens] == before.get(ui_tokens, 0) + 3
     assert after[("app_model_info", (("dtype", "float32"), ("kind", "causal LM"), ("quantization", "none")))] == 1
     assert after[("app_queue_waiting", ())] == 0 and ("app_batch_running", ()) in after
     assert after[("process_resident_memory_bytes", ())] > 10**8 and after[("app_model_footprint_bytes", ())] > 10**7
@@ -281,7 +285,17 @@ CITY = {"type": "object", "properties": {
 def test_json_schema_answers_validate_in_each_quantization_and_a_text_to_text_model_refuses_them(
         api_app, client, t5_folder):
     jsonschema = pytest.importorskip("jsonschema")
+    from gradio_client.exceptions import AppError
+
     owner = api_app.client()
+    history, _ = owner.predict(message="Describe Paris.", greedy=True, max_new_tokens=80, answer_json=True,
+                               json_schema=json.dumps(CITY), api_name="/generate")  # the page's "Answer as JSON"
+    shown = content(history[-1])
+    assert shown.startswith("```json\n"), shown
+    jsonschema.validate(json.loads(shown.split("```json\n", 1)[1].split("\n```", 1)[0]), CITY)
+    with pytest.raises(AppError, match="uniqueItems"):
+        owner.predict(message="hi", answer_json=True, json_schema='{"type": "array", "uniqueItems": true}',
+                      api_name="/generate")
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
     for quant in ("none", "int8", "nf4"):
         if quant != "none":
@@ -293,10 +307,6 @@ def test_json_schema_answers_validate_in_each_quantization_and_a_text_to_text_mo
     sampled = client.chat.completions.create(model=MODEL, temperature=1.0, seed=3, max_tokens=80, response_format=fmt,
                                              messages=[{"role": "user", "content": "Describe Lyon."}])
     jsonschema.validate(json.loads(sampled.choices[0].message.content), CITY)  # sampled from the masked row too
-    free = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=120,
-                                          response_format={"type": "json_object"},
-                                          messages=[{"role": "user", "content": "Describe a cat in JSON."}])
-    assert isinstance(json.loads(free.choices[0].message.content), dict)
 
     assert "Loaded" in owner.predict(model=str(t5_folder), api_name="/load_model")[0]
     t5 = client.models.list().data[0].id

@@ -244,9 +244,8 @@ def build(ctx: AppContext) -> ChatTab:
         with gr.Row():
             answer_json = gr.Checkbox(label="Answer as JSON", value=False, elem_id="answer-json", scale=1)
             json_schema = gr.Textbox(label="JSON schema (optional: empty for any JSON object)", value="", lines=3,
-                                     scale=3,
                                      placeholder='{"type": "object", "properties": {"city": {"type": "string"}}}',
-                                     elem_id="json-schema")
+                                     scale=3, elem_id="json-schema")
     pending = gr.State("")
     sampling = [max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed, system_prompt,
                 answer_json, json_schema]
