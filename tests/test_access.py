@@ -2,8 +2,8 @@
 
 The shared app runs with APP_SHARED=1 and no login, the owner's HF_TOKEN in its environment, a local
 Hub server, and its save folder placed inside Gradio's own temp folder (the worst place it could be).
-Each row of the issue's table is tried as an anonymous visitor, with gradio_client and raw HTTP, and
-the test checks both the refusal and that nothing was written, run, pushed or lost. The owner of an
+Each promise of the README's Security model is tried as an anonymous visitor, with gradio_client and raw
+HTTP, and the test checks both the refusal and that nothing was written, run, pushed or lost. The owner of an
 unshared app, and the owner who logs in to a shared one, can still do everything.
 """
 
@@ -46,7 +46,7 @@ def _evil_folder(root: Path, model_type: str) -> tuple[Path, Path]:
     return folder, marker
 
 
-def test_row1_uploaded_code_never_runs(shared_app, visitor, client, tmp_path):
+def test_uploaded_code_never_runs(shared_app, visitor, client, tmp_path):
     folder, marker = _evil_folder(tmp_path, "evil")
     with httpx.Client(base_url=shared_app.url) as http:  # the app takes no files: uploads are refused (see below)
         files = [("files", (p.name, p.read_bytes())) for p in folder.iterdir()]
@@ -68,7 +68,7 @@ def test_row1_uploaded_code_never_runs(shared_app, visitor, client, tmp_path):
     assert not marker.exists() and not known_marker.exists()
 
 
-def test_row2_no_visitor_loads_or_pushes_with_the_owners_token(shared_app, visitor, hub_server):
+def test_no_visitor_loads_or_pushes_with_the_owners_token(shared_app, visitor, hub_server):
     hub_server.create_repo("alice/private-model", private=True)
     hub_server.add_files("alice/private-model", {"config.json": b'{"model_type": "llama"}'})
     if ("model", "alice/existing") not in hub_server.repos:
@@ -86,7 +86,7 @@ def test_row2_no_visitor_loads_or_pushes_with_the_owners_token(shared_app, visit
     assert hub_server.read_file("alice/existing", "README.md") == b"the owner's card"
 
 
-def test_row3_visitors_write_nothing_on_the_server(shared_app, visitor, tmp_path):
+def test_visitors_write_nothing_on_the_server(shared_app, visitor, tmp_path):
     names = visitor.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert names["/save_model"]["parameters"] == []  # no request carries a path
     with pytest.raises(AppError, match=VISITOR_REFUSED):
@@ -97,7 +97,7 @@ def test_row3_visitors_write_nothing_on_the_server(shared_app, visitor, tmp_path
     assert not shared_app.save_dir.exists() or not any(shared_app.save_dir.iterdir())
 
 
-def test_row4_saves_and_caches_are_never_served(shared_app, checkpoint):
+def test_saves_and_caches_are_never_served(shared_app, checkpoint):
     shared_app.gradio_tmp.mkdir(parents=True, exist_ok=True)
     shared_app.save_dir.mkdir(parents=True, exist_ok=True)
     inside_save = shared_app.save_dir / "private-model-nf4-0000" / "model.safetensors"
@@ -115,7 +115,7 @@ def test_row4_saves_and_caches_are_never_served(shared_app, checkpoint):
             assert b"private weights" not in response.content
 
 
-def test_row6_a_visitor_cannot_load_while_others_wait(shared_app, visitor):
+def test_a_visitor_cannot_load_while_others_wait(shared_app, visitor):
     alone = answer(shared_app.client())
     clients = [shared_app.client() for _ in range(16)]
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -182,7 +182,8 @@ def test_a_visitor_sees_the_owner_only_controls_disabled_with_the_reason(shared_
     page.get_by_role("tab", name="Compare").click()
     expect(page.get_by_role("button", name="Compare (owner only)")).to_be_disabled()
     page.get_by_role("tab", name="Generate").click()
-    expect(page.get_by_label("Fast path (owner only)")).to_be_disabled()
+    expect(page.locator("#fast-toggle").get_by_label("Fast path (owner only)")).to_be_disabled()
+    expect(page.locator("#form-fast-path").get_by_label("Fast path (owner only)")).to_be_disabled()  # one state
     page.get_by_label("Message", exact=True).fill(QUESTION)
     page.get_by_role("button", name="Send").click()  # what visitors may do still works
     expect(page.get_by_role("log", name="chatbot conversation")).to_contain_text("answered by", timeout=120_000)

@@ -50,7 +50,7 @@ def test_one_truth_on_the_page_for_every_visitor(browser, app):
     page = open_page(browser, app.url, width=1366, height=900)
     try:
         report = page.locator("#load-out")
-        expect(report).to_contain_text("float32")
+        expect(report).to_contain_text("float32", timeout=60_000)  # the loaded model's report, once the page opens
         assert "packed" not in report.inner_text()  # no "quantized weights packed" on a full-precision model
         # Point 7: a CPU-only budget too small says so, names no GPU, and stays on the page after its toast.
         page.get_by_text("LLM.int8() 8-bit").click()

@@ -21,15 +21,13 @@ from test_app import STORY, answer, content
 
 
 def still_answers(client) -> None:
-    started = time.perf_counter()
-    assert "Paris" in answer(client)[0]
-    assert time.perf_counter() - started < 30
+    assert "Paris" in answer(client)[0]  # an answer at all: a stuck queue or a lost model would never give one
 
 
-# ----------------------------------------------------------------------------- row 5: limits
+# ----------------------------------------------------------------------------- limits
 
 
-def test_row5_oversized_input_is_refused_with_its_limit_and_others_are_served(shared_app):
+def test_oversized_input_is_refused_with_its_limit_and_others_are_served(shared_app):
     visitor = shared_app.client()
     with pytest.raises(AppError, match=r"1,000,000 characters; the limit is 16,000 \(APP_MAX_MESSAGE_CHARS=16000\)"):
         answer(visitor, "x" * 1_000_000)
@@ -53,7 +51,7 @@ def busy_app(checkpoint, hub_server, session_dir):
     process.stop()
 
 
-def test_row5_the_queue_and_the_visitor_rate_are_bounded(busy_app):
+def test_the_queue_and_the_visitor_rate_are_bounded(busy_app):
     clients = [busy_app.client() for _ in range(4)]
     running = clients[0].submit(message=STORY, max_new_tokens=300, greedy=True, api_name="/generate")
     while not running.outputs():
@@ -97,10 +95,10 @@ def test_without_a_trusted_proxy_a_forged_address_gets_no_new_allowance(busy_app
             visitor.predict(message="", api_name="/generate", headers={"X-Forwarded-For": forged})
 
 
-# ----------------------------------------------------------------------------- rows 7 and 8: loads that fail
+# ----------------------------------------------------------------------------- loads that fail
 
 
-def test_row7_a_load_that_fails_in_any_way_keeps_the_previous_model(client, checkpoint, tmp_path):
+def test_a_load_that_fails_in_any_way_keeps_the_previous_model(client, checkpoint, tmp_path):
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     shutil.copy(checkpoint / "config.json", no_weights / "config.json")
@@ -119,13 +117,13 @@ def test_row7_a_load_that_fails_in_any_way_keeps_the_previous_model(client, chec
 
 @pytest.mark.parametrize("budget,quant,offload", [("cpu=100MB", "none", False), ("disk=1GB", "none", False),
                                                   ("cpu=50MB", "int8", True)])
-def test_row8_budgets_that_would_strand_weights_are_refused_before_loading(client, budget, quant, offload):
+def test_budgets_that_would_strand_weights_are_refused_before_loading(client, budget, quant, offload):
     with pytest.raises(AppError, match="no room on a GPU or the CPU"):
         client.predict(max_memory=budget, quant=quant, fp32_cpu_offload=offload, api_name="/load_model")
     still_answers(client)
 
 
-# ----------------------------------------------------------------------------- row 9: escaping
+# ----------------------------------------------------------------------------- escaping
 
 
 @pytest.fixture()
@@ -134,7 +132,7 @@ def default_model_after(client):
     client.predict(api_name="/load_model")
 
 
-def test_row9_names_reach_the_page_as_text(client, app, checkpoint, tmp_path, default_model_after, browser):
+def test_names_reach_the_page_as_text(client, app, checkpoint, tmp_path, default_model_after, browser):
     folder = tiny_model(tmp_path / "m`<img src=x onerror=alert(1)>`", checkpoint)
     shown = client.predict(model=str(folder), api_name="/load_model")[0]
     assert "<img" not in shown and "&lt;img src=x onerror=alert\\(1\\)&gt;" in shown and "\\`" in shown
@@ -148,7 +146,7 @@ def test_row9_names_reach_the_page_as_text(client, app, checkpoint, tmp_path, de
     page.close()
 
 
-# ----------------------------------------------------------------------------- row 10: every field validated
+# ----------------------------------------------------------------------------- every field validated
 
 
 @pytest.mark.parametrize("fields,refusal", [
@@ -157,25 +155,25 @@ def test_row9_names_reach_the_page_as_text(client, app, checkpoint, tmp_path, de
     (dict(int8_threshold=-1, quant="int8"), r"int8_threshold=-1.0 is not valid"),
     (dict(max_memory="0=1GB, 0=2GB"), r"max_memory=.* is not valid: device 0 is named twice"),
 ])
-def test_row10_load_fields_are_validated_by_name(client, fields, refusal):
+def test_load_fields_are_validated_by_name(client, fields, refusal):
     with pytest.raises(AppError, match=refusal):
         client.predict(**fields, api_name="/load_model")
 
 
 @pytest.mark.parametrize("seed", [-5, 2**32])
-def test_row10_seed_range(client, seed):
+def test_seed_range(client, seed):
     with pytest.raises(AppError, match=rf"seed={seed} is not valid: use -1 \(random\) or a whole number from 0"):
         client.predict(message=QUESTION, seed=seed, api_name="/generate")
 
 
 @pytest.mark.parametrize("context,refusal", [(-4, "context_length=-4"), (10**12, "context_length=1000000000000"),
                                              (0, "context_length=0")])
-def test_row10_fit_inputs(client, context, refusal):
+def test_fit_inputs(client, context, refusal):
     with pytest.raises(AppError, match=refusal + r" is not valid: use a number of tokens from 1 to 1,048,576"):
         client.predict(context_length=context, api_name="/check_fit")
 
 
-def test_row10_missing_revision_and_malformed_history(client, hub_server):
+def test_missing_revision_and_malformed_history(client, hub_server):
     if ("model", "alice/revisioned") not in hub_server.repos:
         hub_server.create_repo("alice/revisioned")
         hub_server.add_files("alice/revisioned", {"config.json": json.dumps({"model_type": "llama"}).encode()})
