@@ -101,7 +101,7 @@ def validate_generation(spec: GenerationSpec) -> None:
     if spec.seed is not None and not 0 <= spec.seed <= MAX_SEED:
         raise SpecError("seed", spec.seed, f"use -1 (random) or a whole number from 0 to {MAX_SEED}")
     if len(spec.stop) > 4 or any(not s or len(s) > 100 for s in spec.stop):
-        raise SpecError("stop", list(spec.stop)[:4], "give up to 4 stop strings of 1 to 100 characters")
+        raise SpecError("stop", list(spec.stop), "give up to 4 stop strings of 1 to 100 characters")
     if spec.logprobs is not None and not 0 <= spec.logprobs <= MAX_TOP_LOGPROBS:
         raise SpecError("top_logprobs", spec.logprobs, f"use a whole number from 0 to {MAX_TOP_LOGPROBS}")
 

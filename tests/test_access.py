@@ -315,7 +315,7 @@ def test_a_huge_stop_list_is_refused_without_being_echoed(shared_app):
 def test_a_lone_surrogate_in_the_ui_is_a_readable_refusal(shared_app):
     for message, history, system in (("\ud800", None, ""), ("hi", [{"role": "user", "content": "\udc00"}], ""),
                                      ("hi", None, "\ud83d")):
-        data = [message, history, 8, True, 0.7, 0.9, 50, 1.0, -1, system]
+        data = [message, history, 8, True, 0.7, 0.9, 50, 1.0, -1, system, False, ""]
         with httpx.Client(base_url=shared_app.url, timeout=60) as http:
             event = http.post("gradio_api/call/generate", content=json.dumps({"data": data}).encode(),
                               headers={"Content-Type": "application/json"}).json()["event_id"]

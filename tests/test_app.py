@@ -164,7 +164,7 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(app):
     probe = app.client()
     fn_index = probe._infer_fn_index("/generate", None)
     session = "disconnect-test"
-    payload = {"data": [STORY, [], 500, True, 0.7, 0.9, 50, 1.0, -1, ""], "fn_index": fn_index,
+    payload = {"data": [STORY, [], 500, True, 0.7, 0.9, 50, 1.0, -1, "", False, ""], "fn_index": fn_index,
                "session_hash": session, "event_data": None, "trigger_id": None}
     with httpx.Client(base_url=app.url, timeout=30) as http:
         assert http.post("gradio_api/queue/join", json=payload).status_code == 200

@@ -25,7 +25,7 @@ from conftest import OTHER_TOKEN, ROOT, WRITE_TOKEN, AppProcess
 from test_app import answer
 
 VISITOR_REFUSED = "Only the owner of this app may"
-RATE_REFUSED = r"visitors may send 6 a minute \(APP_RATE_LIMIT=6\)"  # bursts of 2, one more each 10 s
+RATE_REFUSED = r"visitors may send 12 a minute \(APP_RATE_LIMIT=12\)"  # bursts of 4, one more each 5 s
 OAUTH = {"client_id": "space-oauth-app", "secret": "space-oauth-secret-0123456789"}
 
 
@@ -56,7 +56,7 @@ def space_app(checkpoint, space_hub, small_disk, session_dir):
     env = {**space_hub.env(session_dir / "space-hf-home"),
            **space_hub.oauth_client(OAUTH["client_id"], OAUTH["secret"]), "SYSTEM": "spaces",
            "SPACE_ID": "acme/quantized-llm", "SPACE_AUTHOR_NAME": "acme", "HF_TOKEN": WRITE_TOKEN,
-           "APP_RATE_LIMIT": "6"}
+           "APP_RATE_LIMIT": "12"}
     process = AppProcess("space-app", session_dir, env, save_dir=small_disk or session_dir / "space-saves")
     yield process
     process.stop()

@@ -63,7 +63,8 @@ def test_eight_chats_together_answer_as_alone_and_faster_and_stop_ends_only_one(
     assert one_at_a_time / at_once >= 1.6, (one_at_a_time, at_once)
     story = client.submit(message="Write a very long story about a lighthouse keeper.", max_new_tokens=400,
                           greedy=True, api_name="/generate")
-    others = [client.submit(message=p, **CHAT, api_name="/generate") for p in PROMPTS[:3]]
+    # Other visitors: each its own client (its own session), as each tab is; Stop cancels its own session's chats
+    others = [visitors_app.client().submit(message=p, **CHAT, api_name="/generate") for p in PROMPTS[:3]]
     while not any("Generating" in str(out[1]) for out in story.outputs()):
         time.sleep(0.1)
     story.cancel()  # the visitor's Stop: Gradio closes its handler, which cancels its request
@@ -92,7 +93,7 @@ def test_clients_that_give_up_or_never_read_cost_nothing(visitors_app):
     assert reply["usage"]["completion_tokens"] == 3
     assert reply["metrics"]["answered_together"] == 1  # the three stories were cancelled: it ran alone
 
-    fn = {"data": ["Write a very long story about a dragon.", [], 400, True, 0.7, 0.9, 50, 1.0, -1, ""]}
+    fn = {"data": ["Write a very long story about a dragon.", [], 400, True, 0.7, 0.9, 50, 1.0, -1, "", False, ""]}
     for _ in range(2):  # results never read: nobody opens the stream of these calls
         posted = httpx.post(f"{visitors_app.url}gradio_api/call/generate", json=fn, timeout=30)
         assert posted.status_code == 200 and posted.json()["event_id"]

@@ -61,6 +61,9 @@ class ChatRequest:
     max_input_tokens: int | None = None  # the app's input cap (core.generation.check_length)
     model: str | None = None  # the model the client asked for (/v1); None: whichever is loaded
 
+    def __post_init__(self):
+        generation.validate_generation(self.spec)  # up front: a bad field is refused before it is queued
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
