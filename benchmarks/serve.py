@@ -10,6 +10,7 @@ to the last answer), per-stream decode tokens/s (mean over requests), time to fi
     python benchmarks/serve.py --model embedded --streams 1,4,8 --new 32            # the CPU
     python benchmarks/serve.py --model llama8b --quant none,int8,nf4 --streams 1,4,8,16,32 --new 128 \\
         --prompt-len 128 --tokenizer .whl/tokenizer                               # a GPU (random 8B weights)
+    python benchmarks/serve.py --model embedded --streams 1 --new 48 --turns 5      # a later turn's first token
     python benchmarks/serve.py --app http://127.0.0.1:7860/ --key $APP_API_KEY --streams 1,8   # a running app
 
 Random-weight models say nothing of answers; their speed is the point. A table is printed; --results appends
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from core.serving.requests import ChatRequest  # noqa: E402
+from core.serving.requests import ChatRequest, prompt_ids  # noqa: E402
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
 from core.worker import Chunk, Worker  # noqa: E402
 
@@ -129,6 +130,40 @@ def through_app(url: str, key: str | None, prompts: list, spec: GenerationSpec, 
     return drive(len(prompts), offsets, follow)
 
 
+QUESTIONS = ["Tell me about lighthouses.", "Who keeps them?", "What do they eat?", "How do they spend winter?",
+             "Write them a short poem."]
+
+
+def ask(worker: Worker, conversation: list, spec: GenerationSpec) -> tuple[str, float]:
+    """One chat turn through the worker: its answer and its time to first token."""
+    started, first = time.perf_counter(), None
+    job = worker.submit_chat(ChatRequest(list(conversation), spec))
+    for event in job.follow(poll=0.002):
+        if isinstance(event, Chunk) and first is None:
+            first = time.perf_counter()
+    return job.result.text, (first or time.perf_counter()) - started
+
+
+def later_turn(worker: Worker, spec: GenerationSpec, turns: int, repeats: int = 3) -> tuple[float, float, int]:
+    """Time to first token of a chat's turn `turns`: with its earlier turns' keys and values kept by the running
+    batch (the normal path), and re-prefilled whole (after an exclusive job, which starts the batch afresh).
+    Medians over `repeats`; also the last turn's prompt length in tokens."""
+    kept, fresh = [], []
+    for _ in range(repeats):
+        set_rows(worker, worker.max_batch)  # an exclusive job: nothing kept
+        conversation: list = []
+        for question in QUESTIONS[:turns - 1]:
+            conversation.append({"role": "user", "content": question})
+            answer, _ = ask(worker, conversation, spec)
+            conversation.append({"role": "assistant", "content": answer})
+        conversation.append({"role": "user", "content": QUESTIONS[turns - 1]})
+        kept.append(ask(worker, conversation, spec)[1])
+        set_rows(worker, worker.max_batch)
+        fresh.append(ask(worker, conversation, spec)[1])
+    length = worker.run(lambda engine, job: len(prompt_ids(engine.current, conversation, spec, None)), "count")
+    return statistics.median(kept), statistics.median(fresh), length
+
+
 def summarize(timings: list[Timing]) -> tuple[float, float, float, float]:
     wall = max(t.ended for t in timings) - min(t.arrived for t in timings)
     aggregate = sum(t.tokens for t in timings) / wall
@@ -197,6 +232,11 @@ def run_model(args, model: str, quant: str) -> list[Row]:
                 rows.append(Row(model, quant, serving, "together" if rate is None else f"poisson {rate:g}/s", streams,
                                 *summarize(timings), peak_mib(device)))
                 print(table(rows[-1:], header=len(rows) == 1), flush=True)
+    if args.turns:
+        set_rows(worker, max(args.streams))
+        kept, fresh, length = later_turn(worker, generation, args.turns)
+        print(f"# turn {args.turns} of one chat ({length} prompt tokens): time to first token {kept * 1000:.1f} ms with "
+              f"its earlier turns kept, {fresh * 1000:.1f} ms re-prefilled ({fresh / kept:.2f}x)", flush=True)
     worker.run(lambda engine, job: engine.unload(), "unload")
     return rows
 
@@ -217,6 +257,8 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4,8")
     parser.add_argument("--rate", type=float, default=0.0, help="also Poisson arrivals at this rate (requests/s)")
     parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--turns", type=int, default=0, help="also a chat's turn N (up to 5): time to first token "
+                        "with its earlier turns kept, and re-prefilled")
     parser.add_argument("--prompt-len", type=int, default=0, help="pad prompts to about this many tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default="/tmp/llm-bench")

@@ -111,7 +111,11 @@ def test_load_then_stream_an_answer(browser, app_url):
     assert any(WAITING in a for a in answers)  # the question showed at once, marked as waiting
     streamed = [a for a in answers if a and WAITING not in a]
     assert [a for a in streamed if "Paris" not in a], answers  # parts of the answer showed before all of it
-    assert "Paris" in streamed[-1] and all(len(a) <= len(b) for a, b in zip(streamed, streamed[1:]))
+    parts = [a.split("answered by", 1)[0].strip() for a in streamed]
+    final = parts[-1]
+    # Each part shown while streaming is the start of the final answer (a frame the browser drew while it re-rendered
+    # a message, seen once in a loaded suite, may be shorter than the one before it; it is still a start of it).
+    assert "Paris" in final and all(final.startswith(a) for a in parts), streamed
     shot(page, "chat")
 
 
