@@ -35,7 +35,7 @@ def test_a_user_error_is_one_message_and_the_form_stays(browser, app_url):
     page = open_page(browser, app_url)
     page.get_by_text("Will it fit?", exact=False).first.click()
     page.get_by_role("button", name="Apply fix").click()
-    expect(page.get_by_text("Run Will it fit? first", exact=False)).to_be_visible()
+    expect(page.get_by_text("Run Will it fit? first", exact=False)).to_be_visible(timeout=30_000)
     assert error_pills(page).count() == 0
     expect(page.get_by_label("Max memory per device")).to_be_editable()
     page.get_by_role("tab", name="Generate").click()
@@ -83,7 +83,7 @@ def test_plan_and_fit_agree_about_gpus_that_are_not_here(browser, app_url):
     page.get_by_role("button", name="Will it fit?", exact=True).click()
     expect(page.get_by_text("Planned for 1 GPU; this machine has no GPU")).to_have_count(2, timeout=60_000)
     page.get_by_role("button", name="Apply fix").click()
-    expect(page.get_by_text("this machine can plan it but not load it", exact=False)).to_be_visible()
+    expect(page.get_by_text("this machine can plan it but not load it", exact=False)).to_be_visible(timeout=30_000)
     shot(page, "fit-for-a-gpu")
 
 
