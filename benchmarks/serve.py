@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from core.serving.batch import StepTimes  # noqa: E402
 from core.serving.requests import ChatRequest, prompt_ids  # noqa: E402
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
 from core.worker import Chunk, Worker  # noqa: E402
@@ -134,6 +135,16 @@ QUESTIONS = ["Tell me about lighthouses.", "Who keeps them?", "What do they eat?
              "Write them a short poem."]
 
 
+def through_generate(worker: Worker, prompt: list, spec: GenerationSpec) -> Timing:
+    """One prompt through transformers' generate() on the loaded model (its fast path), as the app ran before the
+    running batch: the lone visitor's yardstick."""
+    from core import generation
+
+    result = worker.run(lambda engine, job: generation.generate(engine.current, [prompt], spec), "generate()")
+    metrics = result.metrics
+    return Timing(0.0, metrics.ttft_s, metrics.total_s, metrics.new_tokens)
+
+
 def ask(worker: Worker, conversation: list, spec: GenerationSpec) -> tuple[str, float]:
     """One chat turn through the worker: its answer and its time to first token."""
     started, first = time.perf_counter(), None
@@ -219,6 +230,10 @@ def run_model(args, model: str, quant: str) -> list[Row]:
     generation = GenerationSpec(greedy=True, max_new_tokens=args.new, use_chat_template=model == "embedded")
     rows = []
     warm = prompts_for(max(args.streams), args.prompt_len, tokenizer)
+    for _ in range(2):  # the first run captures generate()'s own graph (its first length resets every graph)
+        alone = through_generate(worker, warm[0], generation)
+    rows.append(Row(model, quant, "generate()", "alone", 1, *summarize([alone]), peak_mib(device)))
+    print(table(rows[-1:], header=len(rows) == 1), flush=True)
     for n in sorted({1, *args.streams}):  # warm-up: captures the graph of every batch bucket at the measured length
         through_worker(worker, warm[:n], generation, [0.0] * n)
     for serving, limit in (("batched", max(args.streams)), ("one at a time", 1)):
@@ -228,10 +243,14 @@ def run_model(args, model: str, quant: str) -> list[Row]:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 prompts = prompts_for(streams, args.prompt_len, tokenizer)
+                if worker._batch is not None:
+                    worker._batch.times = StepTimes()
                 timings = through_worker(worker, prompts, generation, arrivals(streams, rate))
                 rows.append(Row(model, quant, serving, "together" if rate is None else f"poisson {rate:g}/s", streams,
                                 *summarize(timings), peak_mib(device)))
                 print(table(rows[-1:], header=len(rows) == 1), flush=True)
+                if worker._batch is not None:
+                    print(f"# {worker._batch.times.summary()}", flush=True)
     if args.turns:
         set_rows(worker, max(args.streams))
         kept, fresh, length = later_turn(worker, generation, args.turns)

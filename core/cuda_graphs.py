@@ -156,6 +156,15 @@ class GraphedDecode:
         self.model.get_compiled_call = lambda compile_config=None: self.step
         return self
 
+    def reset(self) -> None:
+        """Drops every captured graph (generate()'s and the running batch's, which capture here too) and starts a new
+        memory pool for the next captures: all at once, since destroying one graph can free cuBLAS workspaces that
+        others captured on the same stream still use; and a new pool, since PyTorch refuses a capture into a pool
+        whose graphs are all gone while its memory is still cached (an internal assert in its caching allocator)."""
+        self.graphs.clear()
+        if self.pool is not None:
+            self.pool = torch.cuda.graph_pool_handle()
+
     def release(self) -> None:
         for name in ("_valid_auto_compile_criteria", "get_compiled_call"):
             self.model.__dict__.pop(name, None)
@@ -176,7 +185,7 @@ class GraphedDecode:
         # Longer than the graphs were captured for, or one input length too many: start over. Graphs go all at once:
         # destroying one graph can free cuBLAS workspaces that others captured on the same stream still use.
         if needed > self.length or (key not in self.caches and len(lengths) >= KEPT_INPUT_LENGTHS):
-            self.graphs.clear()
+            self.reset()
             self.caches.clear()
             self.length = max(self.length, -(-needed // LENGTH_STEP) * LENGTH_STEP)
         cache = self.caches.get(key)

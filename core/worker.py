@@ -151,6 +151,7 @@ class Worker:
         self._exclusive: Job | None = None
         self._running: dict[int, tuple[Job, RequestState]] = {}  # job id -> (job, state), in the batch
         self._batch: Batch | None = None
+        self._batch_key: tuple | None = None
         self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
         self._thread.start()
@@ -233,8 +234,8 @@ class Worker:
             if exclusive is not None:
                 self._run_exclusive(exclusive)
                 continue
-            for job in chosen:
-                self._start_chat(job)
+            if chosen:
+                self._start_chats(chosen)
             if self._running:
                 self._step()
 
@@ -259,39 +260,65 @@ class Worker:
         job.finish(result, failure)
 
     def _publish(self) -> None:
-        """After an exclusive job: how chats are served on the model now, and the snapshot handlers read."""
-        self._batch = None
+        """After an exclusive job: how chats are served on the model now, and the snapshot handlers read. The running
+        batch (its cache, graphs and kept conversations) stays while the model, its fast path and the cap do."""
         if not self.engine.loaded:
+            self._close_batch()
             self.snapshot, self.serving = None, Serving(1, False, "")
             return
         loaded = self.engine.current
         self.serving = serving_of(loaded, self.max_batch, self.context)
-        if self.serving.batched:
-            self._batch = _new_batch(loaded)
+        if not self.serving.batched:
+            self._close_batch()
+        elif self._batch is None or self._batch_key != _batch_key(loaded, self.serving):
+            self._new_batch(loaded)
         self.snapshot = snapshots.of(loaded, self.serving.note)
 
-    def _start_chat(self, job: Job) -> None:
-        """Admits a chat: checks it against the loaded model, then prefills it (or answers it alone)."""
+    def _new_batch(self, loaded) -> None:
+        self._close_batch()
+        self._batch, self._batch_key = _new_batch(loaded, self.serving.rows), _batch_key(loaded, self.serving)
+
+    def _close_batch(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+        self._batch, self._batch_key = None, None
+
+    def _start_chats(self, jobs: list[Job]) -> None:
+        """Admits chats: checks each against the loaded model, then prefills them (or answers them alone)."""
+        admitted: list[tuple[Job, RequestState]] = []
+        for job in jobs:
+            try:
+                if job.cancel.is_set():
+                    job.finish()
+                    continue
+                loaded = self.engine.current
+                snap = self.snapshot
+                if job.request.model is not None and job.request.model != snap.model:
+                    raise ModelNotFoundError(f"The model {job.request.model!r} is not loaded here; the loaded model "
+                                             f"is {snap.model!r}.")
+                if self._batch is None:
+                    self._answer_alone(job, loaded, snap)
+                    continue
+                admitted.append((job, RequestState(
+                    job.request, prompt_ids(loaded, job.request.prompt, job.request.spec,
+                                            job.request.max_input_tokens),
+                    eos_ids(loaded.model), loaded.tokenizer, job.emit, loaded.input_device)))
+            except BaseException as error:
+                job.finish(error=error)
+        if not admitted:
+            return
         try:
-            if job.cancel.is_set():
-                return job.finish()
-            loaded = self.engine.current
-            snap = self.snapshot
-            if job.request.model is not None and job.request.model != snap.model:
-                raise ModelNotFoundError(f"The model {job.request.model!r} is not loaded here; the loaded model is "
-                                         f"{snap.model!r}.")
-            if self._batch is None:
-                return self._answer_alone(job, loaded, snap)
-            state = RequestState(job.request, prompt_ids(loaded, job.request.prompt, job.request.spec,
-                                                         job.request.max_input_tokens),
-                                 eos_ids(loaded.model), loaded.tokenizer, job.emit, loaded.input_device)
-            self._batch.add(state)
-        except BaseException as error:
-            return job.finish(error=error)
-        if state.status is Status.FINISHED:
-            job.finish(self._result(state))
-        else:
-            self._running[job.id] = (job, state)
+            self._batch.add([state for _, state in admitted])
+        except BaseException as error:  # out of memory, say: these chats get the error; those running go on
+            self._batch.cancel([state for _, state in admitted if state.status is Status.DECODING])
+            for job, _ in admitted:
+                job.finish(error=_as_engine_error(error))
+            return
+        for job, state in admitted:
+            if state.status is Status.FINISHED:
+                job.finish(self._result(state))
+            else:
+                self._running[job.id] = (job, state)
 
     def _answer_alone(self, job: Job, loaded, snap: Snapshot) -> None:
         text, ids, finish, metrics = answer_alone(loaded, job.request, job.emit, job.cancel)
@@ -308,7 +335,7 @@ class Worker:
             for job, _ in self._running.values():
                 job.finish(error=_as_engine_error(error))
             self._running.clear()
-            self._batch = _new_batch(self.engine.current)
+            self._new_batch(self.engine.current)
             return
         by_state = {id(state): job for job, state in self._running.values()}
         for state in ended:
@@ -321,11 +348,18 @@ class Worker:
         return state.result(snap.model, snap.precision, snap.fast_path)
 
 
-def _new_batch(loaded) -> Batch:
+def _new_batch(loaded, rows: int) -> Batch:
     """The running batch for `loaded`: on graphed static rows when the fast path graphs decode (a GPU), else on a
-    dynamic cache."""
+    dynamic cache; on a GPU, prompts arriving together are prefilled together and steps overlap the host's work."""
     graph = fastpath.graph_of(loaded)
-    return Batch(loaded.model, StaticRows(loaded.model, graph) if graph is not None else None)
+    on_gpu = loaded.input_device.type == "cuda"
+    return Batch(loaded.model, StaticRows(loaded.model, graph, rows) if graph is not None else None, overlap=on_gpu,
+                 prefill_together=on_gpu)
+
+
+def _batch_key(loaded, serving: Serving) -> tuple:
+    """What the running batch was built for: the model, its graphed step, and the rows it may hold."""
+    return id(loaded.model), id(fastpath.graph_of(loaded)), serving.rows
 
 
 def _as_engine_error(error: BaseException) -> BaseException:

@@ -367,3 +367,40 @@ def test_two_gpus_save_after_a_chat_reloads_bitwise(model_path, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for _, _, out in jobs:
         assert torch.equal(torch.load(out), canonical), out
+
+
+@pytest.mark.parametrize("mode", ["none", "nf4"])
+def test_the_running_batch_on_the_gpu_answers_as_each_alone(model_path, mode):
+    """The GPU's running batch (graphed static rows, prompts arriving together prefilled together, each step launched
+    before the previous one's tokens are read): in fp32 its greedy answers equal transformers' generate() one prompt
+    at a time on the plain path, and a seeded sample equals itself alone; a second wave reuses the store's graphs."""
+    from core.engine import Engine
+    from core.serving.requests import ChatRequest
+    from core.worker import Worker
+
+    prompts = [*PROMPTS, "Write a long story about a lighthouse keeper and the sea.", "2+2=", "Colors: red, green,"]
+    plain_model = _load(model_path, mode)
+    alone = [generation.generate(plain_model, [p], GREEDY).token_ids[0] for p in prompts]
+    del plain_model
+    worker = Worker(Engine(), max_batch=8)
+    worker.run(lambda engine, job: engine.load(LoadSpec(
+        model=model_path, dtype="float32", quant=QuantSpec(mode=mode), device_map=parse_device_map("cuda:0"),
+        fast_path=True)), "load")
+    batch = worker._batch
+    assert batch.overlap and batch.prefill_together and batch.rows.graph is not None
+    together = [job.wait() for job in [worker.submit_chat(ChatRequest(p, GREEDY)) for p in prompts]]
+    assert [r.token_ids for r in together] == alone and max(r.together for r in together) == len(prompts)
+    store, graphs = batch.rows.store, dict(batch.rows.graph.graphs)
+    sampled = GenerationSpec(greedy=False, temperature=0.8, top_p=0.9, seed=5, max_new_tokens=24,
+                             use_chat_template=False)
+    lone = worker.submit_chat(ChatRequest(prompts[2], sampled)).wait()
+    wave = [worker.submit_chat(ChatRequest(p, sampled if i == 2 else GREEDY)) for i, p in enumerate(prompts)]
+    results = [job.wait() for job in wave]
+    assert results[2].token_ids == lone.token_ids
+    assert [r.token_ids for i, r in enumerate(results) if i != 2] == [a for i, a in enumerate(alone) if i != 2]
+    assert worker._batch is batch and batch.rows.store is store  # the same store throughout, never re-allocated
+    assert graphs and all(batch.rows.graph.graphs.get(key) is graph for key, graph in graphs.items())  # replayed
+    assert {key[0] for key in batch.rows.graph.graphs} <= {id(view) for view in batch.rows.views.values()}
+    fastpath_generate = generation.generate(worker.engine.current, [prompts[0]], GREEDY)  # generate()'s own graph
+    assert fastpath_generate.token_ids[0] == alone[0]
+    assert worker.submit_chat(ChatRequest(prompts[1], GREEDY)).wait().token_ids == alone[1]  # and the batch's again

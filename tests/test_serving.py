@@ -125,32 +125,41 @@ def test_llm_int8_is_answered_one_at_a_time_and_says_why(worker):
 
 
 def test_the_graphed_static_rows_give_the_same_answers_on_the_cpu(worker):
-    """The GPU's running batch (static rows, buckets, columns shifted as rows join and leave) runs here without a
-    graph, through the same forward: staggered arrivals, a longer prompt joining late, rows leaving early."""
+    """The GPU's running batch (static rows, buckets, columns shifted as rows join and leave; prompts arriving together
+    prefilled together; each step launched before the previous one's tokens are read, each row's next token chosen on
+    the device) runs here without a graph, through the same forward: staggered arrivals, a longer prompt joining late,
+    rows leaving early, a seeded sampler. Its answers equal the plain batch's, one prompt joining at a time."""
     from core.serving.batch import Batch
     from core.serving.requests import RequestState, eos_ids, prompt_ids
     from core.serving.static_rows import StaticRows
 
     loaded = worker.engine.current
     prompts = [QUESTION, "Name a primary color.", "Explain in many words why the sky looks blue during the day.",
-               "What is 2+2?", "Write a haiku about the sea."]
-    lengths = [6, 20, 12, 16, 10]
+               "What is 2+2?", "Write a haiku about the sea.", "Who wrote Hamlet?"]
+    lengths = [6, 20, 12, 16, 10, 14]
+    sampled = GenerationSpec(greedy=False, temperature=0.9, top_k=40, top_p=0.9, seed=11, max_new_tokens=18)
 
     def state(prompt, new):
-        spec = GenerationSpec(greedy=True, max_new_tokens=new)
+        spec = GenerationSpec(greedy=True, max_new_tokens=new) if new != 18 else sampled
         request = ChatRequest([{"role": "user", "content": prompt}], spec)
         return RequestState(request, prompt_ids(loaded, request.prompt, spec, None), eos_ids(loaded.model),
                             loaded.tokenizer, lambda piece: None, loaded.input_device)
 
-    def answers(rows) -> list:
-        batch, states = Batch(loaded.model, rows), [state(p, n) for p, n in zip(prompts, lengths)]
+    def answers(batch, arriving: int) -> list:
+        states = [state(p, n) for p, n in zip(prompts, [*lengths[:-1], 18])]
         waiting = list(states)
-        batch.add(waiting.pop(0))
         while len(batch) or waiting:
-            if waiting:  # one joins every step, while others end at their own lengths
-                batch.add(waiting.pop(0))
+            if waiting:  # `arriving` join every step, while others end at their own lengths
+                batch.add([waiting.pop(0) for _ in range(min(arriving, len(waiting)))])
             if len(batch):
                 batch.step()
+        assert batch._launched is None  # nothing left in flight once the batch is empty
         return [tuple(s.generated) for s in states]
 
-    assert answers(StaticRows(loaded.model)) == answers(None)
+    alone = answers(Batch(loaded.model), 1)
+    assert answers(Batch(loaded.model, StaticRows(loaded.model)), 1) == alone
+    overlapped = Batch(loaded.model, StaticRows(loaded.model, capacity=8), overlap=True, prefill_together=True)
+    assert answers(overlapped, 2) == alone
+    assert overlapped.reused_tokens == 0 and len(overlapped.prefixes._kept) == len(prompts)
+    again = answers(overlapped, 3)  # the store, its columns and the kept conversations, reused
+    assert again == alone and overlapped.reused_tokens > 0

@@ -1,13 +1,18 @@
 """The running batch: requests join at the next step, decode one token a step together, and leave when done.
 
-Each request's prompt is prefilled alone (a batch of one, exactly as if it were the only visitor), then
-its keys and values join the batch's cache as one more row. The rows are right-aligned: every row's
-newest token sits in the last column, and a shorter row is padded on the left, masked out of attention
-and given its own position ids, which is how `generate()` itself runs a left-padded batch. So a decode
-step is one forward of [rows, 1] tokens whatever each row's length, and a row that leaves is dropped
-from the cache (with the columns no remaining row needs). This is the padded batching of TGI's first
-engines, on transformers' DynamicCache; it runs any decoder-only model whose cache layers are plain
-full-attention layers (core.serving.batching_of says which).
+Prompts are prefilled, then each one's keys and values join the batch's cache as one more row
+(core.serving.rows without a graph, core.serving.static_rows on the GPU's fast path), and each step
+decodes one token for every row. On the CPU each prompt is prefilled alone, a batch of one, exactly as if
+it were the only visitor. On a GPU the prompts that arrive together are prefilled together, left-padded
+as `generate()` pads a batch (one forward instead of one per prompt, so the sixteenth visitor does not
+wait for fifteen prefills; their numbers are those of a batch, within bf16 rounding of a lone prefill).
+
+On a GPU the steps also overlap with the host's work: step N+1 is launched before step N's tokens are
+read back, because each row's next token is chosen on the device (the argmax, or its own sampler) and
+fed to the next step there. While the GPU computes, the host streams the previous step's text, checks
+stop strings and ends. A row that ended so costs one wasted row of one step. A request whose choice
+needs the host (a constraint, log-probabilities, a repetition penalty) makes its steps wait, as on the
+CPU, where every step does.
 
 Earlier turns are not recomputed: when a request ends, its row's keys and values are kept (a few
 conversations, least recently used first out), and a later prompt that starts with the same tokens,
@@ -16,85 +21,19 @@ the next turn of that chat, prefills only what is new (`PrefixStore`).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from core.serving.requests import RequestState, Status, most_together
+from core.serving.requests import Finish, RequestState, Status, most_together
+from core.serving.rows import Rows, device_longs
 
-
-class Rows:
-    """The batch's KV cache: [rows, heads, columns, head_dim] per layer, rows right-aligned, with their mask."""
-
-    def __init__(self) -> None:
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # bool [rows, columns]: False where a row is padded
-        self.positions: torch.Tensor | None = None  # long [rows]: the position of each row's next token
-
-    def __len__(self) -> int:
-        return 0 if self.mask is None else int(self.mask.shape[0])
-
-    def join(self, cache: DynamicCache, length: int) -> None:
-        """Adds one row: a batch-of-one cache holding `length` positions."""
-        device = cache.layers[0].keys.device
-        if self.cache is None:
-            self.cache = cache
-            self.mask = torch.ones(1, length, dtype=torch.bool, device=device)
-            self.positions = torch.tensor([length], device=device)
-            return
-        columns = int(self.mask.shape[1])
-        width = max(columns, length)
-        for mine, new in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(new.keys, width)])
-            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(new.values, width)])
-        row = torch.zeros(1, width, dtype=torch.bool, device=device)
-        row[:, width - length:] = True
-        self.mask = torch.cat([_pad_left(self.mask, width), row])
-        self.positions = torch.cat([self.positions, torch.tensor([length], device=device)])
-
-    def leave(self, keep: Sequence[int]) -> None:
-        """Keeps only the rows `keep` (in that order), and drops the columns none of them needs."""
-        if not keep:
-            self.cache = self.mask = self.positions = None
-            return
-        index = torch.tensor(list(keep), device=self.mask.device)
-        mask = self.mask[index]
-        first = int(mask.any(0).nonzero()[0])  # columns before it are padding in every remaining row
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
-        self.mask = mask[:, first:]
-        self.positions = self.positions[index]
-
-    def row_cache(self, row: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """The keys and values of one row without its padding (to keep for a later turn of its chat)."""
-        columns = self.mask[row]
-        return tuple((layer.keys[row:row + 1, :, columns].clone(), layer.values[row:row + 1, :, columns].clone())
-                     for layer in self.cache.layers)
-
-    def step(self, model, tokens: Sequence[int]) -> torch.Tensor:
-        """One decode step: each row's newest token in, each row's next-token logits ([rows, vocab]) out."""
-        device = self.mask.device
-        ids = torch.tensor(tokens, device=device)[:, None]
-        self.mask = torch.cat([self.mask, torch.ones(len(tokens), 1, dtype=torch.bool, device=device)], dim=1)
-        out = model(input_ids=ids, attention_mask=self.mask.long(), position_ids=self.positions[:, None],
-                    cache=self.cache, use_cache=True)
-        self.positions = self.positions + 1
-        return out.logits[:, -1]
-
-
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """`tensor` with zeros (False) before its columns (dim 2 for keys and values, dim 1 for a mask) up to `width`."""
-    dim = 2 if tensor.dim() == 4 else 1
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+PREFILL_TOKENS = 8192  # padded prompt tokens one prefill may hold together (its activations and attention mask)
 
 
 class PrefixStore:
@@ -136,84 +75,195 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
+@dataclass
+class StepTimes:
+    """Where the host's time went in the steps since `reset` (benchmarks/serve.py prints it)."""
+
+    steps: int = 0
+    rows: int = 0  # summed over the steps
+    launch_s: float = 0.0  # building and launching steps, choosing on the device
+    wait_s: float = 0.0  # waiting for a step's tokens to reach the host
+    settle_s: float = 0.0  # then: text streamed, stop strings, ends, rows removed
+
+    def summary(self) -> str:
+        n = max(self.steps, 1)
+        return (f"{self.steps} steps, {self.rows / n:.1f} rows a step; per step: launch {self.launch_s / n * 1e3:.2f} "
+                f"ms, waiting for the device {self.wait_s / n * 1e3:.2f} ms, text and ends {self.settle_s / n * 1e3:.2f} ms")
+
+
+@dataclass
+class Launched:
+    """A step launched on the device: its rows' requests, and their chosen tokens, on the host once `ready`."""
+
+    states: list[RequestState]
+    tokens: torch.Tensor
+    ready: object = None  # a torch.cuda.Event recorded after the copy to the host; None on the CPU
+
+    @classmethod
+    def of(cls, states: list[RequestState], chosen: torch.Tensor) -> Launched:
+        if chosen.device.type != "cuda":
+            return cls(states, chosen)
+        tokens = chosen.to("cpu", non_blocking=True)  # pinned: the copy runs behind the step
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(states, tokens, ready)
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
+
+
 class Batch:
     """The requests decoding together on one model, and their cache."""
 
-    def __init__(self, model, rows=None, prefixes: PrefixStore | None = None) -> None:
+    def __init__(self, model, rows=None, prefixes: PrefixStore | None = None, overlap: bool = False,
+                 prefill_together: bool = False) -> None:
         self.model = model
         self.rows = rows if rows is not None else Rows()  # or core.serving.static_rows.StaticRows, graphed
         self.states: list[RequestState] = []  # in row order
         self.prefixes = prefixes or PrefixStore()
+        self.overlap = overlap  # launch each step before reading the previous one's tokens (a GPU)
+        self.prefill_together = prefill_together  # prompts that arrive together share one prefill (a GPU)
         self.reused_tokens = 0  # prompt tokens taken from kept prefixes instead of computed, since the model loaded
+        self._launched: Launched | None = None
+        self.times = StepTimes()
 
     def __len__(self) -> int:
         return len(self.states)
 
     @torch.inference_mode()
-    def add(self, state: RequestState) -> None:
-        """Prefills `state`'s prompt alone and chooses its first token; it joins the rows unless that ended it."""
-        cache, logits = self._prefill(state.prompt_ids)
-        if state.accept(state.choose(logits)):
-            self._keep(state, cache_layers=_layers(cache), extra=[])
-            return
-        state.status = Status.DECODING
-        self.rows.join(cache, len(state.prompt_ids))
-        self.states.append(state)
+    def add(self, states: Sequence[RequestState]) -> list[RequestState]:
+        """Prefills the prompts of `states` and chooses each one's first token; each joins the rows unless that
+        ended it. Returns those it ended."""
+        ended = []
+        for group in self._groups(states):
+            for state, layers, logits in self._prefill(group):
+                if state.accept(state.choose(logits)):
+                    self._keep(state, tuple((keys.clone(), values.clone()) for keys, values in layers))
+                    ended.append(state)
+                    continue
+                state.status = Status.DECODING
+                self.rows.join(layers, len(state.prompt_ids), state.generated[-1])
+                self.states.append(state)
         most_together(self.states)
+        return ended
 
-    def _prefill(self, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    def _groups(self, states: Sequence[RequestState]) -> Iterator[list[RequestState]]:
+        """The prefills to run: longest prompts first (a shorter row joins without moving the others); together
+        when allowed, up to PREFILL_TOKENS padded tokens, except prompts that continue a kept conversation."""
+        group: list[RequestState] = []
+        for state in sorted(states, key=lambda s: -len(s.prompt_ids)):
+            if not self.prefill_together or self.prefixes.longest(state.prompt_ids)[0]:
+                yield [state]
+                continue
+            if group and (len(group) + 1) * len(group[0].prompt_ids) > PREFILL_TOKENS:
+                yield group
+                group = []
+            group.append(state)
+        if group:
+            yield group
+
+    def _prefill(self, group: list[RequestState]) -> list[tuple[RequestState, tuple, torch.Tensor]]:
+        """Each request's keys and values ([1, heads, prompt, head_dim] per layer) and last logits."""
         device = self.model.get_input_embeddings().weight.device
-        shared, layers = self.prefixes.longest(ids)
         cache = DynamicCache(config=self.model.config)
-        if layers is not None:  # the kept keys and values of the shared prefix: only the rest is computed
-            for index, (keys, values) in enumerate(layers):
-                cache.update(keys[:, :, :shared].clone(), values[:, :, :shared].clone(), index)
-            self.reused_tokens += shared
-        rest = torch.tensor([ids[shared:]], device=device)
-        positions = torch.arange(shared, len(ids), device=device)[None]
-        out = self.model(input_ids=rest, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.cache, out.logits[0, -1]
+        if len(group) == 1:
+            ids = group[0].prompt_ids
+            shared, layers = self.prefixes.longest(ids)
+            if layers is not None:  # the kept keys and values of the shared prefix: only the rest is computed
+                for index, (keys, values) in enumerate(layers):
+                    cache.update(keys[:, :, :shared].clone(), values[:, :, :shared].clone(), index)
+                self.reused_tokens += shared
+            out = self.model(input_ids=device_longs(ids[shared:], device)[None], cache=cache, use_cache=True,
+                             position_ids=torch.arange(shared, len(ids), device=device)[None], logits_to_keep=1)
+            return [(group[0], _layers(out.cache), out.logits[0, -1])]
+        width = len(group[0].prompt_ids)
+        pads = [width - len(state.prompt_ids) for state in group]
+        ids = device_longs([t for state, pad in zip(group, pads) for t in [0] * pad + state.prompt_ids], device)
+        mask = (torch.arange(width, device=device)[None] >= device_longs(pads, device)[:, None]).long()
+        out = self.model(input_ids=ids.view(len(group), width), attention_mask=mask, cache=cache, use_cache=True,
+                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+        return [(state, tuple((layer.keys[i:i + 1, :, pad:], layer.values[i:i + 1, :, pad:])
+                              for layer in out.cache.layers), out.logits[i, -1])
+                for i, (state, pad) in enumerate(zip(group, pads))]
 
     @torch.inference_mode()
     def step(self) -> list[RequestState]:
-        """One token for every running request; returns the requests that ended (finished or cancelled)."""
-        tokens = [state.generated[-1] for state in self.states]
-        logits = self.rows.step(self.model, tokens)
-        greedy = logits.argmax(-1).tolist()  # one host sync for every row that needs nothing more
-        ended = []
+        """One token for every running request; returns the requests that ended (finished or cancelled).
+
+        Overlapped, this launches the step and then reads the previous one's tokens, while this one runs; else it
+        reads this step's own tokens before it returns."""
+        wait = not self.overlap or any(state.needs_host for state in self.states)
+        ended = self._settle() if wait else []  # the host must know every token before a row chooses from it
+        if self.states:
+            launched = self._launch()
+            ended += self._settle()
+            self._launched = launched
+            if wait or not self.states:
+                ended += self._settle()
+        return ended
+
+    def _launch(self) -> Launched:
+        started = time.perf_counter()
+        logits = self.rows.step(self.model)
+        chosen = logits.argmax(-1)  # every row that needs nothing more than the greedy token
         for i, state in enumerate(self.states):
-            token = state.choose(logits[i]) if state.needs_row else greedy[i]
-            if state.accept(token):
-                ended.append(i)
-        return self._remove(ended)
+            if state.needs_row:
+                chosen[i] = state.choose(logits[i]) if state.needs_host else state.pick(logits[i])
+        self.rows.tokens = chosen
+        launched = Launched.of(list(self.states), chosen)
+        self.times.steps, self.times.rows = self.times.steps + 1, self.times.rows + len(self.states)
+        self.times.launch_s += time.perf_counter() - started
+        return launched
+
+    def _settle(self) -> list[RequestState]:
+        """Takes the launched step's tokens: the text each adds, stop strings, ends; removes the rows that ended."""
+        launched, self._launched = self._launched, None
+        if launched is None:
+            return []
+        started = time.perf_counter()
+        tokens = launched.read()
+        read = time.perf_counter()
+        ended = []
+        for state, token in zip(launched.states, tokens):
+            if state.status is Status.DECODING and state.accept(token):  # a row gone since the launch is skipped
+                ended.append(state)
+        gone = self._remove(ended)
+        self.times.wait_s += read - started
+        self.times.settle_s += time.perf_counter() - read
+        return gone
 
     def cancel(self, cancelled: Sequence[RequestState]) -> list[RequestState]:
         """Drops the cancelled requests from the rows; returns them."""
-        from core.serving.requests import Finish
+        for state in cancelled:
+            state.end(Finish.CANCELLED)
+        return self._remove(list(cancelled))
 
-        rows = [i for i, state in enumerate(self.states) if state in cancelled]
-        for i in rows:
-            self.states[i].end(Finish.CANCELLED)
-        return self._remove(rows)
-
-    def _remove(self, rows: list[int]) -> list[RequestState]:
-        if not rows:
+    def _remove(self, gone: list[RequestState]) -> list[RequestState]:
+        if not gone:
             return []
-        gone = [self.states[i] for i in rows]
-        for i, state in zip(rows, gone):
-            if state.finish is not None and state.finish.value != "cancelled":
-                self._keep(state, cache_layers=self.rows.row_cache(i), extra=state.generated[:-1])
-        keep = [i for i in range(len(self.states)) if i not in rows]
+        leaving = {id(state) for state in gone}
+        keep = []
+        for i, state in enumerate(self.states):
+            if id(state) not in leaving:
+                keep.append(i)
+            elif state.finish is not Finish.CANCELLED:  # its prompt and answer, but the last token (chosen, never run)
+                length = len(state.prompt_ids) + len(state.generated) - 1
+                self._keep(state, self.rows.row_cache(i, length))
         self.rows.leave(keep)
         self.states = [self.states[i] for i in keep]
         return gone
 
-    def _keep(self, state: RequestState, cache_layers: tuple, extra: list[int]) -> None:
-        """The finished answer's keys and values, for its chat's next turn: prompt plus answer, but the last token
-        (which was chosen, never run)."""
-        self.prefixes.keep(state.prompt_ids + extra, cache_layers)
+    def _keep(self, state: RequestState, cache_layers: tuple) -> None:
+        """The finished answer's keys and values, for its chat's next turn."""
+        self.prefixes.keep(state.prompt_ids + state.generated[:-1], cache_layers)
 
-    def clear(self) -> None:
+    def close(self) -> None:
+        """Lets go of the cache, its graphs and the kept conversations (the model or its fast path changed)."""
+        self._launched = None
+        self.states = []
+        self.rows.close()
         self.prefixes.clear()
 
 

@@ -168,21 +168,33 @@ class RequestState:
         return bool(self.processors) or self.generator is not None or self.matcher is not None \
             or self.spec.logprobs is not None
 
-    def choose(self, scores: torch.Tensor) -> int:
-        """The next token from this request's row of logits ([vocab])."""
-        raw = scores.float()
-        row = raw[None]
+    @property
+    def needs_host(self) -> bool:
+        """Its choice reads what the host knows of the answer so far (the constraint's state, the tokens a repetition
+        penalty counts) or records on the host (log-probabilities): the batch then waits for each step's tokens before
+        it chooses the next."""
+        return self.matcher is not None or self.spec.logprobs is not None or self.spec.repetition_penalty != 1.0
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """The next token from this request's row of logits ([vocab]), as a tensor on their device: without
+        `needs_host`, the host never waits for it."""
+        row = scores.float()[None]
         if self.matcher is not None:  # before top-k/top-p: they could otherwise keep only tokens the grammar forbids
             row = self.matcher.mask(row[0])[None]
         if self.processors:
-            ids = torch.tensor([self.prompt_ids + self.generated], device=row.device)
+            ids = (torch.tensor([self.prompt_ids + self.generated], device=row.device)
+                   if self.spec.repetition_penalty != 1.0 else None)  # the warpers read only the scores
             row = self.processors(ids, row)
         if self.generator is None:
-            token = int(row.argmax(-1))
-        else:
-            token = int(torch.multinomial(row.softmax(-1), 1, generator=self.generator))
+            return row.argmax(-1)[0]
+        probs = row.softmax(-1)  # torch.multinomial's one-sample draw, the same numbers, without its check on the host
+        return (probs / torch.empty_like(probs).exponential_(1, generator=self.generator)).argmax(-1)[0]
+
+    def choose(self, scores: torch.Tensor) -> int:
+        """The next token, on the host, with its log-probabilities recorded when the request asks for them."""
+        token = int(self.pick(scores))
         if self.spec.logprobs is not None:
-            self._record_logprob(raw, token)
+            self._record_logprob(scores.float(), token)
         return token
 
     def _record_logprob(self, raw: torch.Tensor, token: int) -> None:
