@@ -101,10 +101,11 @@ def drive(count: int, offsets: list[float], follow) -> list[Timing]:
 def through_worker(worker: Worker, prompts: list, spec: GenerationSpec, offsets: list[float]) -> list[Timing]:
     def follow(timing: Timing, i: int) -> None:
         job = worker.submit_chat(ChatRequest(prompts[i], spec))
-        for event in job.follow(poll=0.05):
-            if isinstance(event, Chunk) and timing.first is None:
-                timing.first = time.perf_counter()
-        timing.tokens = job.result.metrics.new_tokens
+        job.wait(poll=0.05)
+        # The first token, not the first text (a streamer holds text back to a word's end, and random weights may not
+        # write one for many tokens): the answer's own clock says how long before its end the first token came.
+        metrics, timing.ended = job.result.metrics, time.perf_counter()
+        timing.first, timing.tokens = timing.ended - (metrics.total_s - metrics.ttft_s), metrics.new_tokens
 
     return drive(len(prompts), offsets, follow)
 
@@ -185,16 +186,24 @@ def summarize(timings: list[Timing]) -> tuple[float, float, float, float]:
     return aggregate, per_stream, statistics.median(ttfts), p95
 
 
-def prompts_for(count: int, length: int, tokenizer=None) -> list:
+def prompts_for(count: int, length: int, tokenizer=None, run: str = "") -> list:
+    """`count` distinct requests of about `length` tokens; `run` makes them differ from every other run's from their
+    first token, so that none continues a conversation the batch has kept (each is a new visitor)."""
     prompts = []
     for i in range(count):
-        text = f"Write a long story about {TOPICS[i % len(TOPICS)]}."
+        text = f"{run}Visitor {i}: write a long story about {TOPICS[i % len(TOPICS)]}."
         if length and tokenizer is not None:  # pad the request to about `length` tokens
             filler = " ".join(["Once upon a time there was a story."] * (length // 8 + 1))
-            ids = tokenizer(filler + " " + text)["input_ids"][-length:]
-            text = tokenizer.decode(ids)
+            text = tokenizer.decode(tokenizer(text + " " + filler)["input_ids"][:length])
         prompts.append([{"role": "user", "content": text}])
     return prompts
+
+
+def ignore_end_token(model) -> None:
+    """Random weights choose the end token by chance, ending some streams after a few tokens; a throughput measurement
+    runs every stream its full length (vLLM's benchmarks: ignore_eos)."""
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
 
 
 def set_rows(worker: Worker, max_batch: int) -> None:
@@ -225,11 +234,13 @@ def run_model(args, model: str, quant: str) -> list[Row]:
                     fast_path=device == "cuda")
     worker = Worker(max_pending=256, max_batch=max(args.streams))
     worker.run(lambda engine, job: engine.load(spec), "load")
+    if model in ("llama8b", "smol"):
+        worker.run(lambda engine, job: ignore_end_token(engine.current.model), "ignore the end token")
     print(f"# {model} {quant}: {worker.snapshot.fast_path.summary()}\n# {worker.serving.note}", flush=True)
     tokenizer = worker.run(lambda engine, job: engine.current.tokenizer, "tokenizer")
     generation = GenerationSpec(greedy=True, max_new_tokens=args.new, use_chat_template=model == "embedded")
     rows = []
-    warm = prompts_for(max(args.streams), args.prompt_len, tokenizer)
+    warm = prompts_for(max(args.streams), args.prompt_len, tokenizer, "Warm-up. ")
     for _ in range(2):  # the first run captures generate()'s own graph (its first length resets every graph)
         alone = through_generate(worker, warm[0], generation)
     rows.append(Row(model, quant, "generate()", "alone", 1, *summarize([alone]), peak_mib(device)))
@@ -244,12 +255,12 @@ def run_model(args, model: str, quant: str) -> list[Row]:
             for rate in [None, *([args.rate] if args.rate else [])]:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                prompts = prompts_for(streams, args.prompt_len, tokenizer)
+                arriving = "together" if rate is None else f"poisson {rate:g}/s"
+                prompts = prompts_for(streams, args.prompt_len, tokenizer, f"{serving}, {streams} {arriving}. ")
                 if worker._batch is not None:
                     worker._batch.times = StepTimes()
                 timings = through_worker(worker, prompts, generation, arrivals(streams, rate))
-                rows.append(Row(model, quant, serving, "together" if rate is None else f"poisson {rate:g}/s", streams,
-                                *summarize(timings), peak_mib(device)))
+                rows.append(Row(model, quant, serving, arriving, streams, *summarize(timings), peak_mib(device)))
                 print(table(rows[-1:], header=len(rows) == 1), flush=True)
                 if worker._batch is not None:
                     print(f"# {worker._batch.times.summary()}", flush=True)
@@ -295,7 +306,8 @@ def main() -> None:
         spec = GenerationSpec(greedy=True, max_new_tokens=args.new)
         for streams in args.streams:
             for rate in [None, *([args.rate] if args.rate else [])]:
-                timings = through_app(args.app, args.key, prompts_for(streams, 0), spec, arrivals(streams, rate))
+                timings = through_app(args.app, args.key, prompts_for(streams, 0, run=f"{streams} {rate}. "), spec,
+                                      arrivals(streams, rate))
                 rows.append(Row("app", "as loaded", "batched", "together" if rate is None else f"poisson {rate:g}/s",
                                 streams, *summarize(timings), float("nan")))
                 print(table(rows[-1:], header=len(rows) == 1), flush=True)

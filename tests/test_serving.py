@@ -145,8 +145,8 @@ def test_the_graphed_static_rows_give_the_same_answers_on_the_cpu(worker):
         return RequestState(request, prompt_ids(loaded, request.prompt, spec, None), eos_ids(loaded.model),
                             loaded.tokenizer, lambda piece: None, loaded.input_device)
 
-    def answers(batch, arriving: int) -> list:
-        states = [state(p, n) for p, n in zip(prompts, [*lengths[:-1], 18])]
+    def answers(batch, arriving: int, asks=tuple(zip(prompts, [*lengths[:-1], 18]))) -> list:
+        states = [state(p, n) for p, n in asks]
         waiting = list(states)
         while len(batch) or waiting:
             if waiting:  # `arriving` join every step, while others end at their own lengths
@@ -163,3 +163,6 @@ def test_the_graphed_static_rows_give_the_same_answers_on_the_cpu(worker):
     assert overlapped.reused_tokens == 0 and len(overlapped.prefixes._kept) == len(prompts)
     again = answers(overlapped, 3)  # the store, its columns and the kept conversations, reused
     assert again == alone and overlapped.reused_tokens > 0
+    # kept conversations and new ones in one prefill: both paddings, a kept row's columns gathered around a gap
+    mixed = [(prompts[2], 12), ("Name three fruits.", 9), (prompts[0], 6), ("What is the boiling point of water?", 11)]
+    assert answers(overlapped, 4, mixed) == answers(Batch(loaded.model), 1, mixed)

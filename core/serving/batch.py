@@ -31,8 +31,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from core.serving.requests import Finish, RequestState, Status, most_together
-from core.serving.rows import Rows, device_longs
+from core.serving.rows import Rows, pad_left, device_longs
 
+Prefill = tuple[RequestState, int, tuple | None]  # a request, the tokens of its kept prefix, and their keys and values
 PREFILL_TOKENS = 8192  # padded prompt tokens one prefill may hold together (its activations and attention mask)
 
 
@@ -84,11 +85,16 @@ class StepTimes:
     launch_s: float = 0.0  # building and launching steps, choosing on the device
     wait_s: float = 0.0  # waiting for a step's tokens to reach the host
     settle_s: float = 0.0  # then: text streamed, stop strings, ends, rows removed
+    prefills: int = 0  # prefill forwards (a group of prompts arriving together is one)
+    prompts: int = 0
+    prefill_s: float = 0.0  # prefills, first tokens and joins, waiting for the device included
 
     def summary(self) -> str:
         n = max(self.steps, 1)
         return (f"{self.steps} steps, {self.rows / n:.1f} rows a step; per step: launch {self.launch_s / n * 1e3:.2f} "
-                f"ms, waiting for the device {self.wait_s / n * 1e3:.2f} ms, text and ends {self.settle_s / n * 1e3:.2f} ms")
+                f"ms, waiting for the device {self.wait_s / n * 1e3:.2f} ms, text and ends "
+                f"{self.settle_s / n * 1e3:.2f} ms; {self.prompts} prompts in {self.prefills} prefills, "
+                f"{self.prefill_s * 1e3:.0f} ms in all")
 
 
 @dataclass
@@ -136,8 +142,9 @@ class Batch:
     def add(self, states: Sequence[RequestState]) -> list[RequestState]:
         """Prefills the prompts of `states` and chooses each one's first token; each joins the rows unless that
         ended it. Returns those it ended."""
-        ended = []
+        ended, started = [], time.perf_counter()
         for group in self._groups(states):
+            self.times.prefills, self.times.prompts = self.times.prefills + 1, self.times.prompts + len(group)
             for state, layers, logits in self._prefill(group):
                 if state.accept(state.choose(logits)):
                     self._keep(state, tuple((keys.clone(), values.clone()) for keys, values in layers))
@@ -147,46 +154,64 @@ class Batch:
                 self.rows.join(layers, len(state.prompt_ids), state.generated[-1])
                 self.states.append(state)
         most_together(self.states)
+        self.times.prefill_s += time.perf_counter() - started
         return ended
 
-    def _groups(self, states: Sequence[RequestState]) -> Iterator[list[RequestState]]:
-        """The prefills to run: longest prompts first (a shorter row joins without moving the others); together
-        when allowed, up to PREFILL_TOKENS padded tokens, except prompts that continue a kept conversation."""
-        group: list[RequestState] = []
+    def _groups(self, states: Sequence[RequestState]) -> Iterator[list[Prefill]]:
+        """The prefills to run, each request with its kept prefix (tokens, keys and values): longest prompts first
+        (a shorter row joins without moving the others), together when allowed, up to PREFILL_TOKENS padded."""
+        group: list[Prefill] = []
         for state in sorted(states, key=lambda s: -len(s.prompt_ids)):
-            if not self.prefill_together or self.prefixes.longest(state.prompt_ids)[0]:
-                yield [state]
-                continue
-            if group and (len(group) + 1) * len(group[0].prompt_ids) > PREFILL_TOKENS:
+            item = (state, *self.prefixes.longest(state.prompt_ids))
+            full = (len(group) + 1) * len(group[0][0].prompt_ids) > PREFILL_TOKENS if group else False
+            if group and (not self.prefill_together or full):
                 yield group
                 group = []
-            group.append(state)
+            group.append(item)
         if group:
             yield group
 
-    def _prefill(self, group: list[RequestState]) -> list[tuple[RequestState, tuple, torch.Tensor]]:
-        """Each request's keys and values ([1, heads, prompt, head_dim] per layer) and last logits."""
+    def _prefill(self, group: list[Prefill]) -> list[tuple[RequestState, tuple, torch.Tensor]]:
+        """Each request's keys and values ([1, heads, prompt, head_dim] per layer) and last logits, from one forward.
+
+        A row's kept prefix is not computed again: the kept keys and values are left-padded to the longest kept
+        prefix of the group and its new tokens to the longest new part, and one mask hides both paddings (the
+        left-padded batches of `generate()`, in two parts). A lone prompt has no padding and no mask."""
         device = self.model.get_input_embeddings().weight.device
+        kept = max(shared for _, shared, _ in group)
+        new = [len(state.prompt_ids) - shared for state, shared, _ in group]
+        width = max(new)
         cache = DynamicCache(config=self.model.config)
-        if len(group) == 1:
-            ids = group[0].prompt_ids
-            shared, layers = self.prefixes.longest(ids)
-            if layers is not None:  # the kept keys and values of the shared prefix: only the rest is computed
-                for index, (keys, values) in enumerate(layers):
-                    cache.update(keys[:, :, :shared].clone(), values[:, :, :shared].clone(), index)
-                self.reused_tokens += shared
-            out = self.model(input_ids=device_longs(ids[shared:], device)[None], cache=cache, use_cache=True,
-                             position_ids=torch.arange(shared, len(ids), device=device)[None], logits_to_keep=1)
-            return [(group[0], _layers(out.cache), out.logits[0, -1])]
-        width = len(group[0].prompt_ids)
-        pads = [width - len(state.prompt_ids) for state in group]
-        ids = device_longs([t for state, pad in zip(group, pads) for t in [0] * pad + state.prompt_ids], device)
-        mask = (torch.arange(width, device=device)[None] >= device_longs(pads, device)[:, None]).long()
-        out = self.model(input_ids=ids.view(len(group), width), attention_mask=mask, cache=cache, use_cache=True,
-                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
-        return [(state, tuple((layer.keys[i:i + 1, :, pad:], layer.values[i:i + 1, :, pad:])
-                              for layer in out.cache.layers), out.logits[i, -1])
-                for i, (state, pad) in enumerate(zip(group, pads))]
+        if kept:
+            some = next(layers for _, _, layers in group if layers is not None)
+            for index, (keys, _) in enumerate(some):
+                empty = keys[:, :, :0]
+                parts = [[pad_left((layers[index][part] if layers is not None else empty)[:, :, :shared], kept)
+                          for _, shared, layers in group] for part in (0, 1)]
+                cache.update(torch.cat(parts[0]), torch.cat(parts[1]), index)
+            self.reused_tokens += sum(shared for _, shared, _ in group)
+        ids, positions, columns = [], [], []
+        for (state, shared, _), count in zip(group, new):
+            pad = width - count
+            ids += [0] * pad + state.prompt_ids[shared:]
+            positions += [0] * pad + list(range(shared, len(state.prompt_ids)))
+            columns.append(list(range(kept - shared, kept)) + list(range(kept + pad, kept + width)))
+        padded = any(len(c) != kept + width for c in columns)
+        mask = None
+        if padded:
+            mask = torch.zeros(len(group), kept + width, dtype=torch.long)
+            for row, used in enumerate(columns):
+                mask[row, used] = 1
+            mask = mask.to(device)
+        out = self.model(input_ids=device_longs(ids, device).view(len(group), width), attention_mask=mask,
+                         position_ids=device_longs(positions, device).view(len(group), width), cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        results = []
+        for row, ((state, _, _), used) in enumerate(zip(group, columns)):
+            take = slice(used[0], used[-1] + 1) if used == list(range(used[0], used[-1] + 1)) else torch.tensor(used)
+            results.append((state, tuple((_columns(layer.keys, row, take), _columns(layer.values, row, take))
+                                         for layer in out.cache.layers), out.logits[row, -1]))
+        return results
 
     @torch.inference_mode()
     def step(self) -> list[RequestState]:
@@ -267,8 +292,11 @@ class Batch:
         self.prefixes.clear()
 
 
-def _layers(cache: DynamicCache) -> tuple:
-    return tuple((layer.keys, layer.values) for layer in cache.layers)
+def _columns(tensor: torch.Tensor, row: int, take) -> torch.Tensor:
+    """One row's columns `take` (a slice, or indices) of a [rows, heads, columns, head_dim] tensor."""
+    if isinstance(take, torch.Tensor):
+        take = take.to(tensor.device, non_blocking=True)
+    return tensor[row:row + 1, :, take]
 
 
 def batchable(model) -> str | None:

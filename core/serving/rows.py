@@ -49,11 +49,11 @@ class Rows:
         columns = int(self.mask.shape[1])
         width = max(columns, length)
         for mine, (keys, values) in zip(self.cache.layers, layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(keys, width)])
-            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(values, width)])
+            mine.keys = torch.cat([pad_left(mine.keys, width), pad_left(keys, width)])
+            mine.values = torch.cat([pad_left(mine.values, width), pad_left(values, width)])
         row = torch.zeros(1, width, dtype=torch.bool, device=device)
         row[:, width - length:] = True
-        self.mask = torch.cat([_pad_left(self.mask, width), row])
+        self.mask = torch.cat([pad_left(self.mask, width), row])
         self.positions = torch.cat([self.positions, device_longs([length], device)])
         self.tokens = torch.cat([self.tokens, device_longs([token], device)])
 
@@ -92,7 +92,7 @@ class Rows:
         self.leave([])
 
 
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+def pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     """`tensor` with zeros (False) before its columns (dim 2 for keys and values, dim 1 for a mask) up to `width`."""
     dim = 2 if tensor.dim() == 4 else 1
     missing = width - tensor.shape[dim]
