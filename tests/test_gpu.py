@@ -124,6 +124,21 @@ def _greedy(loaded) -> tuple[list, tuple]:
     return single, generation.generate(loaded, PROMPTS, GREEDY, min_new_tokens=24).token_ids
 
 
+def _batch_answers(loaded, prompts: list[str]) -> list:
+    """Greedy answers of the running batch the worker builds on `loaded`, the prompts arriving together."""
+    from core.serving.requests import ChatRequest, RequestState, eos_ids, prompt_ids
+    from core.worker import _new_batch
+
+    batch = _new_batch(loaded, 4)
+    states = [RequestState(ChatRequest(p, GREEDY), prompt_ids(loaded, p, GREEDY, None), eos_ids(loaded.model),
+                           loaded.tokenizer, lambda piece: None, loaded.input_device) for p in prompts]
+    batch.add(states)
+    while len(batch):
+        batch.step()
+    batch.close()
+    return [state.result("", "", None).token_ids for state in states]
+
+
 def _plain_tokens(loaded, mode: str) -> tuple[list, tuple]:
     """Greedy tokens of the plain path; for LLM.int8(), its W8A16 reference (the module's docstring says why)."""
     reference = modules.install(loaded.model, reference=True) if mode == "int8" else None
@@ -308,6 +323,8 @@ def test_two_gpus_place_as_planned_and_decode_as_one_gpu_with_the_fast_path_on_a
     assert on.cuda_graph and "Split across 2 GPUs (cuda:0: model.embed_tokens" in on.reason
     assert bool(on.kernels) == (mode != "none") and (not on.kernels or "cuda:1:" in on.kernels)
     assert _greedy(split) == expected  # fast path on: one graph over both GPUs, the kernels per GPU
+    # the running batch on the split model: its static rows beside each GPU's layers, one graph over both GPUs
+    assert _batch_answers(split, PROMPTS) == [generation.generate(split, [p], GREEDY).token_ids[0] for p in PROMPTS]
     caches = fastpath.graph_of(split).caches.values()
     assert {layer.keys.device for c in caches for layer in c.layers} == {torch.device("cuda", 0),
                                                                            torch.device("cuda", 1)}  # on each GPU
