@@ -2,7 +2,8 @@
 
 - requests.py: one visitor's request, its state on the worker thread, its result;
 - scheduler.py: who joins the running batch at the next step (pure, tested without a model);
-- batch.py: the step loop over the rows of one cache;
+- batch.py: the step loop (prefills, overlapped steps, kept conversations);
+- rows.py and static_rows.py: the rows of one cache, without a graph and on the fast path's graphs;
 - this module: how a loaded model is served (together, or one at a time and why), and the answer of a model
   the batch cannot run (an encoder-decoder), through `model.generate()`.
 
