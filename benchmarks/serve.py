@@ -11,6 +11,7 @@ to the last answer), per-stream decode tokens/s (mean over requests), time to fi
     python benchmarks/serve.py --model llama8b --quant none,int8,nf4 --streams 1,4,8,16,32 --new 128 \\
         --prompt-len 128 --tokenizer .whl/tokenizer                               # a GPU (random 8B weights)
     python benchmarks/serve.py --model embedded --streams 1 --new 48 --turns 5      # a later turn's first token
+    python benchmarks/serve.py --model embedded --streams 1,8 --new 48 --transformers  # beside generate_batch
     python benchmarks/serve.py --app http://127.0.0.1:7860/ --key $APP_API_KEY --streams 1,8   # a running app
 
 Random-weight models say nothing of answers; their speed is the point. A table is printed; --results appends
@@ -146,6 +147,26 @@ def through_generate(worker: Worker, prompt: list, spec: GenerationSpec) -> Timi
     return Timing(0.0, metrics.ttft_s, metrics.total_s, metrics.new_tokens)
 
 
+def through_transformers(worker: Worker, prompts: list, spec: GenerationSpec) -> list[Timing]:
+    """The same prompts through transformers' own continuous batching (`generate_batch`, its defaults), all at once,
+    as an exclusive job on the worker's model: the library's answer to many visitors, beside the running batch."""
+    from transformers import GenerationConfig
+
+    def run(engine, job) -> list[Timing]:
+        loaded = engine.current
+        ids = [prompt_ids(loaded, p, spec, None) for p in prompts]
+        config = GenerationConfig(max_new_tokens=spec.max_new_tokens, do_sample=False,
+                                  eos_token_id=loaded.model.generation_config.eos_token_id,
+                                  pad_token_id=loaded.tokenizer.pad_token_id or 0)
+        started = time.perf_counter()
+        outputs = loaded.model.generate_batch(inputs=ids, generation_config=config, record_timestamps=True)
+        ended = time.perf_counter()
+        return [Timing(started, (out.timestamps or [ended])[0], (out.timestamps or [ended])[-1],
+                       len(out.generated_tokens)) for out in outputs.values()]
+
+    return worker.run(run, "transformers generate_batch")
+
+
 def ask(worker: Worker, conversation: list, spec: GenerationSpec) -> tuple[str, float]:
     """One chat turn through the worker: its answer and its time to first token."""
     started, first = time.perf_counter(), None
@@ -264,11 +285,18 @@ def run_model(args, model: str, quant: str) -> list[Row]:
                 print(table(rows[-1:], header=len(rows) == 1), flush=True)
                 if worker._batch is not None:
                     print(f"# {worker._batch.times.summary()}", flush=True)
+    if args.transformers:  # last: the library sets its own attention implementation while it runs
+        for streams in args.streams:
+            prompts = prompts_for(streams, args.prompt_len, tokenizer, f"transformers, {streams}. ")
+            through_transformers(worker, prompts[:1], generation)  # its first call captures its graphs
+            rows.append(Row(model, quant, "transformers generate_batch", "together", streams,
+                            *summarize(through_transformers(worker, prompts, generation)), peak_mib(device)))
+            print(table(rows[-1:], header=len(rows) == 1), flush=True)
     if args.turns:
         set_rows(worker, max(args.streams))
         kept, fresh, length = later_turn(worker, generation, args.turns)
-        print(f"# turn {args.turns} of one chat ({length} prompt tokens): time to first token {kept * 1000:.1f} ms with "
-              f"its earlier turns kept, {fresh * 1000:.1f} ms re-prefilled ({fresh / kept:.2f}x)", flush=True)
+        print(f"# turn {args.turns} of one chat ({length} prompt tokens): time to first token {kept * 1000:.1f} ms "
+              f"with its earlier turns kept, {fresh * 1000:.1f} ms re-prefilled ({fresh / kept:.2f}x)", flush=True)
     worker.run(lambda engine, job: engine.unload(), "unload")
     return rows
 
@@ -291,6 +319,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--turns", type=int, default=0, help="also a chat's turn N (up to 5): time to first token "
                         "with its earlier turns kept, and re-prefilled")
+    parser.add_argument("--transformers", action="store_true", help="also transformers' continuous batching "
+                        "(generate_batch) on the same prompts, in the same run")
     parser.add_argument("--prompt-len", type=int, default=0, help="pad prompts to about this many tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default="/tmp/llm-bench")
