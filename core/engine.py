@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 
 from core import families, fastpath, loading, placement, source
 from core.errors import BudgetTooSmallError, EngineError, LoadFailedError, NoModelLoadedError, first_line
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self) -> None:
         self._current: LoadedModel | None = None
+        # Called before the model is let go: whoever keeps state built on it (the worker's running batch, its caches
+        # and graphs) lets go too, so that its weights are freed before another model loads.
+        self.before_unload: list[Callable[[], None]] = []
 
     @property
     def current(self) -> LoadedModel:
@@ -85,6 +89,8 @@ class Engine:
     def unload(self) -> None:
         if self._current is None:
             return
+        for hook in self.before_unload:
+            hook()
         fastpath.reverse(self._current)
         self._current = None
         gc.collect()

@@ -153,6 +153,7 @@ class Worker:
         self._batch: Batch | None = None
         self._batch_key: tuple | None = None
         self._ready = threading.Condition()
+        self.engine.before_unload.append(self._close_batch)  # the batch's caches hold the model: freed with it
         self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
         self._thread.start()
 
@@ -267,7 +268,8 @@ class Worker:
             self.snapshot, self.serving = None, Serving(1, False, "")
             return
         loaded = self.engine.current
-        self.serving = serving_of(loaded, self.max_batch, self.context)
+        held = self._batch.rows.held_bytes() if self._batch is not None else 0  # a batch of this model (see unload)
+        self.serving = serving_of(loaded, self.max_batch, self.context, held)
         if not self.serving.batched:
             self._close_batch()
         elif self._batch is None or self._batch_key != _batch_key(loaded, self.serving):

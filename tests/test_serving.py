@@ -116,6 +116,25 @@ def test_the_next_turn_of_a_chat_reuses_the_earlier_turns(worker):
         chat += [{"role": "assistant", "content": answer.text}, {"role": "user", "content": "And of Italy?"}]
 
 
+def test_the_running_batch_lets_go_of_the_model_before_another_loads(worker):
+    """A load frees the old model before the new one loads (two rarely fit on one GPU): the batch that answered on it
+    (its rows, kept conversations and, on a GPU, its cache and graphs) must not keep it alive meanwhile."""
+    import gc
+    import weakref
+
+    _ask(worker, QUESTION).wait()
+    old = weakref.ref(worker.engine.current.model)
+
+    def unload(engine, job) -> bool:
+        engine.unload()
+        gc.collect()
+        return old() is None
+
+    assert worker.run(unload, "unload")
+    _load(worker, "none")
+    assert "Paris" in _ask(worker, QUESTION).wait().text
+
+
 def test_llm_int8_is_answered_one_at_a_time_and_says_why(worker):
     _load(worker, "int8")
     assert worker.serving.rows == 1 and "one at a time" in worker.snapshot.batching

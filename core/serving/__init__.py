@@ -49,8 +49,9 @@ def _env_int(name: str, default: int) -> int:
     return int(text)
 
 
-def serving_of(loaded: loading.LoadedModel, max_batch: int, context: int = 2560) -> Serving:
-    """How chats on `loaded` are served; `context` is the longest chat the app allows (input cap plus new tokens)."""
+def serving_of(loaded: loading.LoadedModel, max_batch: int, context: int = 2560, held: int = 0) -> Serving:
+    """How chats on `loaded` are served; `context` is the longest chat the app allows (input cap plus new tokens);
+    `held`, the bytes the running batch's cache already holds on the GPU (it counts as free: it is what it is for)."""
     if loaded.family.is_encoder_decoder:
         return Serving(1, False, "Chats are answered one at a time: an encoder-decoder's decoder steps carry each "
                                  "input's own encoder output, which the running batch does not merge.")
@@ -62,19 +63,22 @@ def serving_of(loaded: loading.LoadedModel, max_batch: int, context: int = 2560)
     why = batchable(loaded.model)
     if why:
         return Serving(1, True, f"Chats are answered one at a time: {why}.")
-    rows, room = rows_that_fit(loaded, max_batch, context)
+    rows, room = rows_that_fit(loaded, max_batch, context, held)
     return Serving(rows, True, f"Chats are answered together, up to {rows} at a time{room}, each exactly as it "
                                "would be alone.")
 
 
-def rows_that_fit(loaded: loading.LoadedModel, max_batch: int, context: int) -> tuple[int, str]:
+def rows_that_fit(loaded: loading.LoadedModel, max_batch: int, context: int, held: int = 0) -> tuple[int, str]:
     """At most `max_batch` (APP_MAX_BATCH) rows, and on a GPU no more than the KV caches of full-length chats (the
-    fit check's estimate, `context` tokens each) that fit in 80% of the memory left free after the model."""
+    fit check's estimate, `context` tokens each) that fit in 80% of the memory left free after the model: free on the
+    device, plus what PyTorch keeps cached but unused, plus `held` (the running batch's own cache)."""
     if loaded.input_device.type != "cuda":
         return max_batch, " (APP_MAX_BATCH)"
     import torch
 
-    free, _ = torch.cuda.mem_get_info(loaded.input_device)
+    device = loaded.input_device
+    free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device) + held)
     dtype = str(next(p.dtype for p in loaded.model.parameters() if p.dtype.is_floating_point)).removeprefix("torch.")
     per_row = families.kv_cache_bytes(loaded.model.config, context, 1, dtype)
     fit = max(1, int(free * 0.8) // max(per_row, 1))

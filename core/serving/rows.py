@@ -91,6 +91,10 @@ class Rows:
     def close(self) -> None:
         self.leave([])
 
+    def held_bytes(self) -> int:
+        """Device memory the rows keep between chats: none (the cache goes with the last row)."""
+        return 0
+
 
 def pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     """`tensor` with zeros (False) before its columns (dim 2 for keys and values, dim 1 for a mask) up to `width`."""

@@ -134,6 +134,12 @@ class StaticRows:
             self.graph.reset()
         self.views, self.store = {}, None
 
+    def held_bytes(self) -> int:
+        """Device memory the store keeps between chats."""
+        if self.store is None:
+            return 0
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.store.layers)
+
     # ------------------------------------------------------------------ rows
 
     def join(self, layers: tuple, length: int, token: int) -> None:
