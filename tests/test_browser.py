@@ -29,7 +29,8 @@ def open_page(browser, url: str, width: int = 1280, height: int = 900):
     page.goto(url)
     page.get_by_role("tab", name="Model").wait_for()
     # The page's opening event fills the form from the loaded model: wait for it, as its result would replace
-    # whatever a test types first (its load report, or the note that no model is loaded).
+    # whatever a test types first (its load report, or the note that no model is loaded: the report is empty
+    # until then).
     page.wait_for_function("() => /footprint|No model loaded yet/.test(document.body.innerText)", timeout=120_000)
     return page
 

@@ -136,7 +136,7 @@ def build(ctx: AppContext) -> ModelTab:
             fix_button = gr.Button("Apply fix", scale=1, min_width=120)
         fix_error = gr.Markdown()
         fixes = gr.State([])
-    load_out = gr.Markdown("No model loaded yet.", elem_id="load-out")
+    load_out = gr.Markdown("", elem_id="load-out")  # the page's opening event says what is loaded (ui.blocks.on_open)
     tab = ModelTab(form=form, load_button=load_button, load_out=load_out, load_error=load_error, plan_out=plan_out,
                    fit_out=fit_out)
     fields = tab.fields
