@@ -278,7 +278,7 @@ class Worker:
 
     def _new_batch(self, loaded) -> None:
         self._close_batch()
-        self._batch, self._batch_key = _new_batch(loaded, self.serving.rows), _batch_key(loaded, self.serving)
+        self._batch, self._batch_key = _batch_for(loaded, self.serving.rows), _batch_key(loaded, self.serving)
 
     def _close_batch(self) -> None:
         if self._batch is not None:
@@ -350,7 +350,7 @@ class Worker:
         return state.result(snap.model, snap.precision, snap.fast_path)
 
 
-def _new_batch(loaded, rows: int) -> Batch:
+def _batch_for(loaded, rows: int) -> Batch:
     """The running batch for `loaded`: on graphed static rows when the fast path graphs decode (a GPU), else on a
     dynamic cache; on a GPU, prompts arriving together are prefilled together and steps overlap the host's work."""
     graph = fastpath.graph_of(loaded)

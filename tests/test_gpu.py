@@ -127,9 +127,9 @@ def _greedy(loaded) -> tuple[list, tuple]:
 def _batch_answers(loaded, prompts: list[str]) -> list:
     """Greedy answers of the running batch the worker builds on `loaded`, the prompts arriving together."""
     from core.serving.requests import ChatRequest, RequestState, eos_ids, prompt_ids
-    from core.worker import _new_batch
+    from core.worker import _batch_for
 
-    batch = _new_batch(loaded, 4)
+    batch = _batch_for(loaded, 4)
     states = [RequestState(ChatRequest(p, GREEDY), prompt_ids(loaded, p, GREEDY, None), eos_ids(loaded.model),
                            loaded.tokenizer, lambda piece: None, loaded.input_device) for p in prompts]
     batch.add(states)

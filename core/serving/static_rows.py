@@ -130,7 +130,8 @@ class StaticRows:
     def close(self) -> None:
         """Drops the graphs captured for the store's views (they hold its addresses; all graphs go together, see
         GraphedDecode.reset), and the store."""
-        if self.graph is not None and any(key[0] in {id(v) for v in self.views.values()} for key in self.graph.graphs):
+        mine = {id(view) for view in self.views.values()}
+        if self.graph is not None and any(key[0] in mine for key in self.graph.graphs):
             self.graph.reset()
         self.views, self.store = {}, None
 
