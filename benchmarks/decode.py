@@ -35,6 +35,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def raw_rate(loaded, batch: int, steps: int = 64) -> float:
 
 
 # First match wins: Inductor names its kernels after the ops they fuse (e.g. "..._w4a16_gemv_mean_...").
-FAMILIES = (("own GEMV/GEMM (core.kernels)", ("gemv_kernel", "gemm_kernel")),
+FAMILIES = (("own GEMV/GEMM (core.kernels)", ("gemv_kernel", "gemm_kernel", "w4mma")),
             ("attention (incl. Inductor's mask preparation)", ("flash", "fmha", "attention", "sdpa")),
             ("Inductor/other Triton (norms, rotary, cache writes)", ("triton_",)),
             ("bitsandbytes", ("4bit", "kgemm", "kdequant", "int8", "kint8")),
@@ -231,6 +232,7 @@ def run_rows(loaded, model_name: str, quant: str, load_s: float, prompt: str, ba
                 started = time.perf_counter()
                 result = measure(loaded, [prompt] * batch, args.new, args.repeats)
             except Exception as error:  # a failing variant is a row, not the end of the run
+                traceback.print_exc(limit=-12)
                 batch_rows.append(Row(model_name, quant, batch, path, load_s, 0, 0, 0, 0, 0, "-",
                                       f"{type(error).__name__}: {str(error)[:120]}"))
                 continue

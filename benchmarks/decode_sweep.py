@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import SHAPES, conditions, copy_bandwidth  # noqa: E402
-from core.kernels import gemv16, w4a16, w8a16  # noqa: E402
+from core.kernels import gemv16, w4a16, w4mma, w8a16  # noqa: E402
 from core.kernels.select import graph_time_us  # noqa: E402
 from core.kernels.tiling import Blocks, dividing, launch_dense_gemm, split_k  # noqa: E402
 
@@ -43,6 +43,8 @@ GEMM_TILES = {16: [(32, 128, 4, 3, 1), (16, 128, 4, 3, 1024), (64, 128, 4, 3, 10
               4: [(32, 256, 4, 3, 1), (16, 256, 4, 3, 1024), (64, 128, 4, 3, 1024), (32, 256, 4, 3, 512),
                   (32, 128, 4, 3, 1024), (32, 512, 4, 3, 1024)]}
 BITS = {"bf16": 16, "int8": 8, "nf4": 4}
+# (warps, K blocks each warp loads before it computes) of the 4-bit tensor-core kernel (core.kernels.w4mma)
+MMA_VARIANTS = [(w4mma.WARPS, w4mma.UNROLL), (4, 2), (4, 4), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2)]
 
 
 def sweep(model_name: str, bandwidth: float, rows_list: list[int], formats: list[str], gemv_tiles: bool,
@@ -185,6 +187,11 @@ def _op(fmt: str, name: str, outs_n: list[int], k: int, silu: bool, row_counts: 
     torchao = peers and fmt == "nf4" and len(outs_n) == 1
     peer = _torchao_int4(outs_n[0], k, layers) if torchao and graph_time_us is not _once else []
     lines, summary = [], []
+    shuffled = None
+    if fmt == "nf4" and w4mma.available(torch.device(DEVICE)) is None:
+        shuffled = [[w4a16.Packed(w4mma.shuffled(w.data, *w.shape).contiguous(),
+                                  w4mma.shuffled_absmax(w.absmax, *w.shape).contiguous(), w.code, w.shape, 64)
+                     for w in ws] for ws in sets]
     for rows in row_counts:
         x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
         expected = [x.double() @ d.T for d in dense]
@@ -209,11 +216,31 @@ def _op(fmt: str, name: str, outs_n: list[int], k: int, silu: bool, row_counts: 
                 timed.append((label, graph_time_us(runs), f"{error:.1e}"))
             except Exception as failure:  # a variant that does not compile is a row, not the end of the sweep
                 timed.append((f"{label} failed: {type(failure).__name__}: {str(failure)[:60]}", 0.0, ""))
+        if fmt == "nf4" and shuffled is not None:
+            timed += _mma(x, shuffled, outs_n, silu, expected)
         best = min((us for _, us, _ in timed if us), default=0.0)
         lines += [_line(fmt, name, rows, label, us, per_layer, bandwidth, error, us == best)
                   for label, us, error in timed]
         summary.append(_brief(fmt, name, rows, timed, per_layer, bandwidth))
     return lines, summary
+
+
+def _mma(x: torch.Tensor, sets: list, outs_n: list[int], silu: bool, expected: list) -> list[tuple[str, float, str]]:
+    """The tensor-core kernel on shuffled copies of the weights, one launch per layer (grouped as the GEMV is)."""
+    timed = []
+    for warps, unroll in MMA_VARIANTS:
+        label = f"tensor cores, shuffled, w{warps} u{unroll}" + (" (default)" if (warps, unroll) == MMA_VARIANTS[0]
+                                                                else "")
+        outs = [[torch.full((x.shape[0], n), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+                 for n in (outs_n[:1] if silu else outs_n)] for _ in sets]
+        try:
+            runs = [lambda ws=ws, o=o: w4mma.launch(x, ws, o, silu, warps, unroll) for ws, o in zip(sets, outs)]
+            runs[0]()
+            error = max(((o.double() - e).norm() / e.norm()).item() for o, e in zip(outs[0], expected))
+            timed.append((label, graph_time_us(runs), f"{error:.1e}"))
+        except Exception as failure:
+            timed.append((f"{label} failed: {type(failure).__name__}: {str(failure)[:80]}", 0.0, ""))
+    return timed
 
 
 def _brief(fmt, name, rows, timed, per_layer, bandwidth) -> str:

@@ -8,12 +8,14 @@ optionally of a compiled forward.
 
 On a GPU with Triton, layers also compute through the fast path's own kernels (core.kernels):
 LLM.int8() layers as weight-only int8 (W8A16) from the int8 weights bitsandbytes stores, which makes
-the int8 decode step graphable at all; 4-bit layers through a 4-bit GEMV wherever it measured faster
-than bitsandbytes' own. Those are `forward`s set on the layer instances, over views of the stored
+the int8 decode step graphable at all; 4-bit layers through a 4-bit GEMV, or through tensor cores
+over a shuffled layout, wherever it measured faster than bitsandbytes' own. Those are `forward`s set on the layer instances, over views of the stored
 tensors.
 
-The fast path changes only how decode runs, never a weight or a module, so `reverse` restores the
-canonical model exactly: same module tree, same config, bitwise-equal state dict. The choice is made
+The fast path changes only how decode runs, never a module, so `reverse` restores the canonical model
+exactly: same module tree, same config, bitwise-equal state dict. The one change to stored tensors is a
+permutation: 4-bit layers that move to the tensor-core kernel (core.kernels.w4mma) have their bytes and
+absmax shuffled in place while the fast path is on (no memory added), and `reverse` unshuffles them. The choice is made
 once per model with the reason recorded (`FastPathState.reason`), and can be overridden. What `enable`
 changed is kept in one frozen record (`FastPathUndo`, `LoadedModel.canonical`; None while off).
 
@@ -141,8 +143,15 @@ def choose(loaded: LoadedModel, compile_step: bool | None = None, own_kernels: b
     suffix = " " + split if split else ""
     graphed = dict(cuda_graph=True, compile_step=compile_step and not split, quiet_int8_log=quant.mode == "int8",
                    kernels=missing is None)
+    step_attn = attn
+    if missing is None and attn == "sdpa":  # core.kernels.attention: the decode step's attention split over the cache
+        from core.kernels import attention as split_kv_attention
+
+        step_attn = split_kv_attention.register()
+        suffix += (" A decode step's attention is split over the key/value cache (flash-decoding, one launch for "
+                   "all the query heads that share a key/value head); prefill keeps sdpa.")
     if quant.mode == "int8" and missing is None:
-        return FastPathChoice(attn, "static", prefix + W8A16_REASON + suffix, **graphed)
+        return FastPathChoice(step_attn, "static", prefix + W8A16_REASON + suffix, **graphed)
     if quant.mode == "int8" and quant.int8_threshold > 0:
         return FastPathChoice(attn, None, "LLM.int8() with an outlier threshold waits for the GPU inside every "
                                           "layer, so no CUDA graph can hold it; silencing bitsandbytes' per-matmul "
@@ -153,10 +162,10 @@ def choose(loaded: LoadedModel, compile_step: bool | None = None, own_kernels: b
     reason = (f"{what} decode at small batch is host-bound (the GPU idles ~80% of each step): the step is "
               "replayed as one CUDA graph from a static cache.")
     if quant.bits == 4:
-        reason += (" 4-bit layers use the fast path's GEMV for the shapes where one measurement found it faster "
-                   "than bitsandbytes' kernel." if missing is None
+        reason += (" 4-bit layers use the fast path's kernels (a GEMV, or tensor cores over their bytes shuffled in "
+                   "place) where one measurement found them faster than bitsandbytes' kernel." if missing is None
                    else f" bitsandbytes' 4-bit kernel stays: {missing}.")
-    return FastPathChoice(attn, "static", prefix + reason + suffix, **graphed)
+    return FastPathChoice(step_attn, "static", prefix + reason + suffix, **graphed)
 
 
 def _offloaded(loaded: LoadedModel) -> FastPathChoice:

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 from conftest import relative_error  # noqa: E402
 from core import fastpath, generation, loading  # noqa: E402
-from core.kernels import gemv16, modules, tiling, w4a16, w8a16  # noqa: E402
+from core.kernels import gemv16, modules, tiling, w4a16, w4mma, w8a16  # noqa: E402
 from core.spec import EMBEDDED_MODEL, GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
 
 GREEDY = GenerationSpec(greedy=True, max_new_tokens=24, use_chat_template=False)
@@ -94,6 +94,40 @@ def test_4bit_gemm_matches_reference_on_the_gpu(quant_type, nested, decode, rows
     w4a16.launch_gemm(x, packed, out, decode="" if decode == "table" else w4a16.prmt_tables(state.code),
                       pairs=decode == "pairs")
     assert relative_error(out, x.double() @ dense.T) < 1e-2
+
+
+def _quantized(n: int, k: int, quant_type: str, nested: bool):
+    import bitsandbytes.functional as bnb
+
+    data, state = bnb.quantize_4bit(torch.randn(n, k, device="cuda") * 0.02, blocksize=64, quant_type=quant_type,
+                                    compress_statistics=nested)
+    return w4a16.Packed.from_param(type("Weight", (), {"data": data, "quant_state": state})())
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("fp4", True), ("nf4", True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 16])
+def test_tensor_core_4bit_kernel_matches_reference(quant_type, nested, dtype, rows):
+    """core.kernels.w4mma on shuffled bytes: one layer, three in one launch (q/k/v), and gate/up with SiLU,
+    against the float64 product of the dequantized weights; the unshuffle restores the bytes exactly."""
+    assert w4mma.available(torch.device("cuda")) is None
+    k = 4096
+    weights = [_quantized(n, k, quant_type, nested) for n in (2048, 512, 512)]
+    stored = [(w.data.clone(), w.absmax.clone()) for w in weights]
+    dense = [w4a16.dequantize(w).double() for w in weights]
+    for w in weights:
+        w4mma.shuffle_(w)
+    x = torch.randn(rows, k, device="cuda", dtype=dtype)
+    assert relative_error(w4mma.apply(x, weights[0]), x.double() @ dense[0].T) < 1e-2
+    for out, d in zip(w4mma.apply_group(x, weights, False), dense):
+        assert relative_error(out, x.double() @ d.T) < 1e-2
+    pair = [weights[1], _quantized(512, k, quant_type, nested)]
+    silu = torch.nn.functional.silu(x.double() @ dense[1].T) * (x.double() @ w4a16.dequantize(pair[1]).double().T)
+    w4mma.shuffle_(pair[1])
+    assert relative_error(w4mma.apply_group(x, pair, True)[0], silu) < 1e-2
+    for w, (data, absmax) in zip(weights, stored):
+        w4mma.unshuffle_(w)
+        assert torch.equal(w.data, data) and torch.equal(w.absmax, absmax)
 
 
 @pytest.mark.parametrize("rows", [2, 16])
@@ -202,6 +236,50 @@ def test_bf16_kernels_keep_logits_within_bf16_rounding(model_path):
         finally:
             installed.remove()
     assert ((fast - plain).norm() / plain.norm()).item() < 2e-2
+
+
+def test_shuffled_4bit_layers_answer_as_bitsandbytes_and_reverse_exactly(model_path):
+    """NF4 with bf16 compute, the tensor-core kernel preferred by the timer: every 4-bit layer's bytes are
+    shuffled; a prompt (prefill through bitsandbytes' dequantization of an unshuffled copy), one token and a
+    batched step of 4 rows (the kernel, q/k/v and gate/up fused for one token) keep the logits within bf16
+    rounding of bitsandbytes' own forward; removing the kernels restores the state dict bitwise."""
+    from core.kernels import layers as kernel_layers
+
+    loaded = _load(model_path, "nf4", "bfloat16")
+    model = loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = loaded.tokenizer(" ".join(PROMPTS * 4), return_tensors="pt").input_ids.to("cuda")
+    assert ids.shape[1] > 16
+    step = ids[:, :1].repeat(4, 1)
+
+    def logits(inputs):
+        with torch.inference_mode():
+            return model(inputs).logits.double()
+
+    plain = [logits(ids), logits(ids[:, :1]), logits(step)]
+
+    def prefer_tensor_cores(calls):
+        used = []
+        original = w4mma.launch
+        w4mma.launch = lambda *a, **k: (used.append(1), original(*a, **k))[1]
+        try:
+            calls[0]()
+        finally:
+            w4mma.launch = original
+        return 1.0 if used else 2.0
+
+    installed = modules.install(model, timer=prefer_tensor_cores)
+    try:
+        four_bit = [layer for layer in kernel_layers.find_layers(model).values()
+                    if isinstance(layer, kernel_layers.FourBitLayer)]
+        assert installed.shuffled and len(installed.shuffled) == len(four_bit), installed.summary()
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # shuffled in place
+        for fast, expected in zip([logits(ids), logits(ids[:, :1]), logits(step)], plain):
+            assert ((fast - expected).norm() / expected.norm()).item() < 2e-2
+    finally:
+        installed.remove()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 _RELOAD_ON_GPU = """

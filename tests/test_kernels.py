@@ -34,7 +34,7 @@ try:
     import triton.experimental.gluon  # noqa: F401  the interpreter imports it at the first launch; it
     # wraps triton's own jit helpers and checks then that the interpreter is on
     from core import fastpath, generation, kernels, loading, quality
-    from core.kernels import gemv16, layers, modules, select, tiling, w4a16, w8a16
+    from core.kernels import attention, gemv16, layers, modules, select, tiling, w4a16, w4mma, w8a16
 finally:
     os.environ.pop("TRITON_INTERPRET") if _previous is None else os.environ.update(TRITON_INTERPRET=_previous)
 
@@ -128,6 +128,60 @@ def test_w4a16_matches_bitsandbytes_dequantization(quant_type, nested, rows):
         else:
             w4a16.launch_gemm(x, packed, out)
         assert relative_error(out, x.double() @ weight.double().T) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", False), ("fp4", True), ("nf4", True)])
+def test_tensor_core_layout_computes_the_product_and_unshuffles_exactly(quant_type, nested):
+    """The CUDA kernel's algorithm (core.kernels.w4mma.emulate: each lane's A and B registers placed where
+    mma.sync m16n8k16 puts their elements) over the shuffled bytes and absmax gives x · W as bitsandbytes
+    dequantizes W, for 1-16 rows; the shuffle is a permutation: unshuffling restores the bytes exactly."""
+    packed, theirs = _quantized(48, 192, quant_type, nested)
+    data, absmax = packed.data.clone(), packed.absmax.clone()
+    w4mma.shuffle_(packed)
+    assert not torch.equal(packed.data, data) and sorted(packed.data.tolist()) == sorted(data.tolist())
+    for rows in (1, 3, 8, 9, 16):
+        x = torch.randn(rows, 192)
+        assert relative_error(w4mma.emulate(x, packed), x.double() @ theirs.double().T) < 1e-5
+    w4mma.unshuffle_(packed)
+    assert torch.equal(packed.data, data) and torch.equal(packed.absmax, absmax)
+
+
+def test_tensor_core_kernel_is_offered_only_where_it_can_run():
+    """On the CPU (and for fp32 activations, or blocks other than 64) the 4-bit layers keep the Triton kernels."""
+    packed, _ = _quantized(48, 192, "nf4", False)
+    assert w4mma.available(torch.device("cpu")) == "it needs a CUDA GPU"
+    assert w4mma.supported(packed, torch.bfloat16) and not w4mma.supported(packed, torch.float32)
+    assert not w4mma.supported(_quantized(40, 192, "nf4", False)[0], torch.bfloat16)  # 40 rows: not whole tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+def test_split_kv_attention_matches_reference(dtype, mask_kind):
+    """A decode step's attention split over 3 chunks of a 150-position cache (the last partial), 6 query heads on
+    2 key/value heads, 3 rows: one left-padded past a whole chunk, one with the cache's tail unused."""
+    torch.manual_seed(0)
+    batch, heads, heads_kv, length, dim = 3, 6, 2, 150, 32
+    query = torch.randn(batch, heads, 1, dim, dtype=dtype)
+    key, value = (torch.randn(batch, heads_kv, length, dim, dtype=dtype) for _ in range(2))
+    keep = torch.ones(batch, 1, 1, length + 10, dtype=torch.bool)  # masks may be longer than the cache
+    keep[0, ..., :70] = False  # left padding over the first chunk and part of the second
+    keep[1, ..., 100:] = False  # positions not written yet
+    mask = {"bool": keep, "float": torch.zeros_like(keep, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min),
+            "none": None}[mask_kind]
+    assert attention.served(query, key, value, mask, {})
+    out = attention.split_kv(query, key, value, None if mask is None else mask[..., :length], dim ** -0.5)
+    expected = attention.reference(query.double(), key.double(), value.double(), mask, dim ** -0.5)
+    assert out.shape == (batch, 1, heads, dim)
+    assert relative_error(out, expected.double()) < BOUND[dtype]
+
+
+def test_split_kv_attention_leaves_other_calls_to_sdpa():
+    query, key = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
+    assert not attention.served(torch.randn(1, 4, 3, 16), key, key, None, {})  # prefill
+    assert not attention.served(query, key, key, None, {"softcap": 30.0})
+    assert not attention.served(query, key, key, torch.ones(1, 4, 1, 8, dtype=torch.bool), {})  # a mask per head
+    assert not attention.served(torch.randn(1, 4, 1, 24), torch.randn(1, 2, 8, 24), torch.randn(1, 2, 8, 24), None,
+                                {})  # head size not a power of two
 
 
 def test_split_k_parts_meet_in_the_last_and_leave_the_counters_at_zero():
@@ -383,6 +437,31 @@ def test_kernel_forwards_give_the_reference_tokens_and_reverse_exactly(tiny, mod
     reference.remove()
     assert fast == expected
     select.forget()
+
+
+def test_split_kv_attention_answers_as_sdpa_and_reverses(tiny):
+    """The fast path's decode attention (core.kernels.attention) on a model with grouped key/value heads and a
+    static cache: greedy tokens equal to sdpa's, one prompt and two of different lengths (left padding), and
+    reverse restores sdpa."""
+    loaded = _load(tiny, "none")
+    prompts = [QUESTION, "Once upon a time"]
+    plain = [generation.generate(loaded, [p], GREEDY, min_new_tokens=6).token_ids for p in prompts]
+    together = generation.generate(loaded, prompts, GREEDY, min_new_tokens=6).token_ids
+    on = fastpath.enable(loaded, fastpath.FastPathChoice(attention.register(), "static", "test"))
+    try:
+        assert loaded.model.config._attn_implementation == attention.NAME
+        calls = []
+        split = attention.split_kv
+        attention.split_kv = lambda *a: calls.append(1) or split(*a)
+        try:
+            assert [generation.generate(loaded, [p], GREEDY, min_new_tokens=6).token_ids for p in prompts] == plain
+            assert generation.generate(loaded, prompts, GREEDY, min_new_tokens=6).token_ids == together
+        finally:
+            attention.split_kv = split
+        assert calls  # the decode steps went through the split kernel
+    finally:
+        off = fastpath.reverse(loaded)
+    assert on.enabled and off.attn_implementation == "sdpa" == loaded.model.config._attn_implementation
 
 
 def test_fast_path_measures_and_enables_through_choose(tiny, monkeypatch):

@@ -9,6 +9,9 @@ an input run in one launch (`grouped`):
 - `Int8Layer`: an LLM.int8() layer (CB, SCB), as W8A16 at every row count (core.kernels.w8a16).
 - `FourBitLayer`: a bitsandbytes 4-bit layer (packed bytes, absmax; NF4 or FP4, double-quantized
   absmax too), through core.kernels.w4a16.
+- `ShuffledFourBitLayer`: the same layer once its bytes are shuffled for the tensor-core kernel
+  (core.kernels.w4mma): 1-16 rows through it, more rows through bitsandbytes' dequantization of an
+  unshuffled copy (its own forward would read the shuffled bytes).
 - `SixteenBitLayer`: a plain bf16/fp16 `nn.Linear`, through core.kernels.gemv16.
 
 Layers whose weights are anything else (torchao's tensor subclasses, bitsandbytes' CPU repacking,
@@ -24,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from core.kernels import gemv16, interpreted, w4a16, w8a16
+from core.kernels import gemv16, interpreted, w4a16, w4mma, w8a16
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 FEW_ROWS = 16  # row counts the skinny kernels serve (a batched decode step); more rows are prefill
@@ -165,6 +168,78 @@ class FourBitLayer(Layer):
         first = members[0]
         packed, dtype = [m.packed for m in members], first.compute_dtype
         return lambda x: [o.to(x.dtype) for o in w4a16.apply_group(x.to(dtype), packed, silu_pair, first.decode)]
+
+
+    def tensor_cores(self) -> bool:
+        """Whether the tensor-core kernel (core.kernels.w4mma) can serve this layer once shuffled."""
+        return (w4mma.available(self.device) is None and w4mma.supported(self.packed, self.compute_dtype)
+                and self.module.weight.is_cuda)
+
+    def shuffled(self) -> ShuffledFourBitLayer:
+        """Shuffles the stored bytes in place; the returned layer computes from them (`unshuffle` restores them)."""
+        w4mma.shuffle_(self.packed)
+        return ShuffledFourBitLayer(self.module, self.packed, self.decode)
+
+
+@dataclass(frozen=True, eq=False)
+class ShuffledFourBitLayer(FourBitLayer):
+    """A 4-bit layer whose bytes and absmax are in the tensor-core kernel's layout (core.kernels.w4mma)."""
+
+    # (warps, K blocks loaded ahead) for 1-8 rows and for 9-16, measured per shape at fast-path time
+    variants: tuple[tuple[int, int], tuple[int, int]] = ((w4mma.WARPS, w4mma.UNROLL),) * 2
+
+    @property
+    def key(self) -> tuple:
+        return (*super().key, "tensor cores", self.variants)
+
+    def variant(self, rows: int) -> tuple[int, int]:
+        return self.variants[1 if rows > 8 else 0]
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > w4mma.MAX_ROWS:
+            return self.prefill(x)
+        return self._with_bias(w4mma.apply(x.to(self.compute_dtype), self.packed, self.variant(rows)), x)
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """More than 16 rows: bitsandbytes dequantizes an unshuffled copy and cuBLAS multiplies, as its own
+        forward does from the stored bytes."""
+        import copy
+
+        import bitsandbytes.functional as bnb
+
+        weight = self.module.weight
+        n, k = self.packed.shape
+        state = copy.copy(weight.quant_state)
+        state.absmax = w4mma.unshuffled_absmax(self.packed.absmax, n, k)
+        data = w4mma.unshuffled(self.packed.data, n, k).view(weight.data.dtype).view(weight.data.shape)
+        dense = bnb.dequantize_4bit(data, state).to(self.compute_dtype)
+        bias = self.module.bias
+        out = torch.nn.functional.linear(x.to(self.compute_dtype), dense,
+                                         None if bias is None else bias.to(self.compute_dtype))
+        return out.to(x.dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        w, (n, k) = self.packed, self.packed.shape
+        stored = w4a16.Packed(w4mma.unshuffled(w.data, n, k), w4mma.unshuffled_absmax(w.absmax, n, k), w.code, w.shape,
+                              w.blocksize, w.absmax2, w.code2, w.offset, w.block2)
+        return w4a16.reference(x.to(self.compute_dtype), stored, self.module.bias).to(x.dtype)
+
+    def unshuffle(self) -> None:
+        w4mma.unshuffle_(self.packed)
+
+    def groups_with(self, other: FourBitLayer) -> bool:
+        """Shuffled layers of one code table and nesting share a launch (double-quantized absmax too)."""
+        return (isinstance(other, ShuffledFourBitLayer) and other.packed.nested == self.packed.nested
+                and torch.equal(other.packed.code, self.packed.code)
+                and (not self.packed.nested or torch.equal(other.packed.code2, self.packed.code2)))
+
+    @staticmethod
+    def grouped(members: list[ShuffledFourBitLayer], silu_pair: bool) -> Grouped:
+        first = members[0]
+        packed, dtype = [m.packed for m in members], first.compute_dtype
+        return lambda x: [o.to(x.dtype) for o in w4mma.apply_group(x.to(dtype), packed, silu_pair,
+                                                                    first.variant(x.numel() // x.shape[-1]))]
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,20 +18,22 @@ kernel constant).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from core.kernels import fusion, select
-from core.kernels.layers import FEW_ROWS, Layer, find_layers
+from core.kernels import fusion, select, w4mma
+from core.kernels.layers import FEW_ROWS, FourBitLayer, Layer, ShuffledFourBitLayer, find_layers
 
 
 @dataclass(frozen=True)
 class Installed:
     modules: tuple[torch.nn.Module, ...]
     notes: tuple[str, ...]
+    shuffled: tuple[ShuffledFourBitLayer, ...] = ()  # 4-bit layers whose bytes are in the tensor-core layout
 
     def summary(self) -> str:
         return "; ".join(self.notes)
@@ -39,6 +41,8 @@ class Installed:
     def remove(self) -> None:
         for module in self.modules:
             module.__dict__.pop("forward", None)
+        for layer in self.shuffled:  # the stored bytes and absmax back, exactly
+            layer.unshuffle()
 
 
 def install(model, reference: bool = False, timer=None) -> Installed:
@@ -57,36 +61,55 @@ def install(model, reference: bool = False, timer=None) -> Installed:
     for layer in layers.values():
         if not layer.always:
             groups[layer.key].append(layer)
-    for members in groups.values():
-        measured = members[0].measured_rows
-        if reference:
-            wins = {rows: True for rows in measured}
-        else:
-            decisions = {rows: _measure(members, rows, timer) for rows in measured}
-            notes.append(f"{len(members)}x " + "; ".join(d.describe() for d in decisions.values()))
-            wins = {rows: d.ours for rows, d in decisions.items()}
-        one = wins.get(1, False)
-        few = [rows for rows in wins if rows > 1]
-        few_wins = bool(few) and all(wins[rows] for rows in few)  # ours flat over 2-16 rows, theirs rising
-        if one or few_wins:
-            for layer in members:
-                forwards[layer.module] = _single_forward(layer, one, few_wins, reference)
-    for module, forward in forwards.items():
-        module.forward = forward
-    if not reference:
-        fused = fusion.install(model, layers, timer)
-        forwards.update(fused.forwards)
-        notes += fused.notes
-    return Installed(tuple(forwards), tuple(notes))
+    shuffled: list[ShuffledFourBitLayer] = []
+    try:
+        for members in groups.values():
+            measured = members[0].measured_rows
+            if reference:
+                wins = {rows: True for rows in measured}
+            else:
+                decisions = {rows: _measure(members, rows, timer) for rows in measured}
+                notes.append(f"{len(members)}x " + "; ".join(d.describe() for d in decisions.values()))
+                wins = {rows: d.ours for rows, d in decisions.items()}
+            one = wins.get(1, False)
+            few = [rows for rows in wins if rows > 1]
+            few_wins = bool(few) and all(wins[rows] for rows in few)  # ours flat over 2-16 rows, theirs rising
+            if one or few_wins:
+                for layer in members:
+                    forwards[layer.module] = _single_forward(layer, one, few_wins, reference)
+        four_bit = [members for members in groups.values()
+                    if isinstance(members[0], FourBitLayer) and all(m.tensor_cores() for m in members)]
+        if four_bit and not reference:
+            found, found_notes = _tensor_cores(four_bit, forwards, timer)
+            notes += found_notes
+            names = {layer.module: name for name, layer in layers.items()}
+            for layer in found:
+                forwards[layer.module] = _single_forward(layer, True, True, reference, every=True)
+                layers[names[layer.module]] = layer
+            shuffled += found
+        for module, forward in forwards.items():
+            module.forward = forward
+        if not reference:
+            fused = fusion.install(model, layers, timer)
+            forwards.update(fused.forwards)
+            notes += fused.notes
+    except BaseException:
+        for module in forwards:
+            module.__dict__.pop("forward", None)
+        for layer in shuffled:
+            layer.unshuffle()
+        raise
+    return Installed(tuple(forwards), tuple(notes), tuple(shuffled))
 
 
-def _single_forward(layer: Layer, one_row: bool, few_rows: bool, reference: bool) -> Callable:
+def _single_forward(layer: Layer, one_row: bool, few_rows: bool, reference: bool, every: bool = False) -> Callable:
     """Our kernel for 1 row (and for 2-16 rows when `few_rows`), the layer's own forward otherwise;
-    `always` layers (LLM.int8()) take the kernel at every size (W8A16: no host syncs, one numerics)."""
+    `always` layers (LLM.int8()) take the kernel at every size (W8A16: no host syncs, one numerics), and so
+    does a layer whose bytes were shuffled (`every`), which routes prefill itself."""
     module = layer.module
     original = type(module).forward
     compute = layer.reference if reference else layer.kernel
-    always = layer.always
+    always = layer.always or every
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -95,6 +118,52 @@ def _single_forward(layer: Layer, one_row: bool, few_rows: bool, reference: bool
         return original(module, x)
 
     return forward
+
+
+TENSOR_CORE_VARIANTS = ((8, 1), (8, 4), (16, 2), (16, 4))  # (warps, K blocks loaded ahead), decode_sweep.py's best
+
+
+def _tensor_cores(groups: list[list[FourBitLayer]], forwards: dict, timer) -> tuple[list[ShuffledFourBitLayer],
+                                                                                    list[str]]:
+    """Moves the 4-bit layers to the tensor-core kernel together, or leaves them all: shuffles their bytes, times
+    each shape at 1 and 16 rows (the best of a few variants) against what is installed (timing does not depend
+    on the bytes' values), and keeps the shuffle where the layers' total is faster at both row counts. All
+    together because one launch serves a layer's q/k/v (and gate/up) only when all of them are shuffled: an
+    8B model's k/v alone lose 0.4 µs at one row where the fused q/k/v gains 6. Returns the shuffled layers
+    (none when the bytes were restored) and notes."""
+    shuffled = [[layer.shuffled() for layer in members] for members in groups]
+    try:
+        totals, notes, chosen = {1: [0.0, 0.0], FEW_ROWS: [0.0, 0.0]}, [], []
+        for members, layers in zip(groups, shuffled):
+            first, verdicts, variants = members[0], [], {}
+            for rows in (1, FEW_ROWS):
+                x = torch.randn(rows, first.in_features, device=first.device, dtype=first.compute_dtype)
+                times = {variant: timer([lambda layer=layer, v=variant: w4mma.apply(x, layer.packed, v)
+                                         for layer in layers]) for variant in TENSOR_CORE_VARIANTS}
+                variants[rows] = min(times, key=times.get)
+                now = timer([lambda f=forwards.get(m.module) or functools.partial(type(m.module).forward, m.module):
+                             f(x) for m in members])
+                verdicts.append(select.Decision(f"{rows} row{'s' if rows > 1 else ''}", times[variants[rows]], now,
+                                                "as installed"))
+                totals[rows][0] += times[variants[rows]] * len(members)
+                totals[rows][1] += now * len(members)
+            chosen.append((variants[1], variants[FEW_ROWS]))
+            notes.append(f"{len(members)}x {first.label} {first.out_features}x{first.in_features} on tensor cores: "
+                         + "; ".join(d.describe() for d in verdicts))
+    except BaseException:
+        for layer in (layer for layers in shuffled for layer in layers):
+            layer.unshuffle()
+        raise
+    wins = all(ours < theirs for ours, theirs in totals.values())
+    summary = (f"4-bit layers {'moved' if wins else 'not moved'} to the tensor-core layout (all of them, per step: "
+               + "; ".join(f"{rows} row{'s' if rows > 1 else ''} {ours:.0f} µs against {theirs:.0f}"
+                           for rows, (ours, theirs) in totals.items()) + ")")
+    if wins:
+        return [replace(layer, variants=variants) for layers, variants in zip(shuffled, chosen)
+                for layer in layers], [summary, *notes]
+    for layer in (layer for layers in shuffled for layer in layers):
+        layer.unshuffle()
+    return [], [summary, *notes]
 
 
 def _measure(members: list[Layer], rows: int, timer) -> select.Decision:
