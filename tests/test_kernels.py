@@ -474,6 +474,40 @@ def test_fast_path_measures_and_enables_through_choose(tiny, monkeypatch):
     assert not off.kernels and not off.cuda_graph and "turned off" in off.reason
 
 
+def test_tensor_core_move_is_all_or_nothing_and_restores_the_bytes(tiny):
+    """The 4-bit layers move to the tensor-core layout together where the per-step total wins at 1 and at 16 rows
+    (the timer stands in for the GPU's); when it loses, or the kernel cannot be built, every byte is put back."""
+    loaded = _load(tiny, "nf4")  # no forward yet: bitsandbytes' CPU path repacks 4-bit weights on its first one
+    found = layers.find_layers(loaded.model)
+    groups: dict = {}
+    for layer in found.values():
+        if isinstance(layer, layers.FourBitLayer):
+            groups.setdefault(layer.key, []).append(layer)
+    stored = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+
+    def unchanged():
+        return all(torch.equal(stored[k], v) for k, v in loaded.model.state_dict().items())
+
+    def timer(faster):
+        return lambda calls: 1.0 if faster(calls) else 2.0
+
+    def failing(calls):
+        raise RuntimeError("NVRTC: no kernel image for this driver")
+
+    tensor_core_first = itertools.cycle([True] * len(modules.TENSOR_CORE_VARIANTS) + [False])
+    moved, notes = modules._tensor_cores(list(groups.values()), {}, timer(lambda calls: next(tensor_core_first)))
+    assert len(moved) == sum(len(g) for g in groups.values()) and "moved to the tensor-core layout" in notes[0]
+    assert not unchanged()
+    for layer in moved:
+        layer.unshuffle()
+    assert unchanged()
+    installed_first = itertools.cycle([False] * len(modules.TENSOR_CORE_VARIANTS) + [True])
+    moved, notes = modules._tensor_cores(list(groups.values()), {}, timer(lambda calls: next(installed_first)))
+    assert moved == [] and "not moved" in notes[0] and unchanged()
+    moved, notes = modules._tensor_cores(list(groups.values()), {}, failing)
+    assert moved == [] and "NVRTC" in notes[0] and unchanged()
+
+
 def test_losing_kernels_leave_the_library_forward(tiny):
     select.forget()
     loaded = _load(tiny, "nf4")

@@ -2,6 +2,10 @@
 
 - `w8a16`: weight-only int8 over LLM.int8()'s stored CB/SCB (activations stay 16-bit).
 - `w4a16`: 4-bit GEMV, and a decode-once GEMM for 2-16 rows, over bitsandbytes' packed NF4/FP4 bytes and absmax.
+- `w4mma`: 4-bit weights on tensor cores for 1-16 rows, a CUDA kernel over the bytes shuffled in place (reversible).
+- `nvrtc`: compiles that CUDA C at run time with the NVRTC library torch's CUDA wheels bring.
+- `attention`: a decode step's attention split over the key/value cache (flash-decoding), an attention
+  implementation for transformers.
 - `gemv16`: 16-bit weights: a one-token GEMV, and the skinny GEMM for 2-16 rows.
 - `tiling`: tile shapes, the one launch over up to three weights that share an input, and the skinny
   split-K GEMM of int8 and 16-bit weights.
@@ -10,9 +14,10 @@
 - `fusion`: a Llama attention's q/k/v, and an MLP's gate/up with SiLU, each in one launch.
 - `modules`: installs the kernel-backed `forward`s on a loaded model, and removes them exactly.
 
-The kernels run where Triton runs: on a CUDA GPU, or on CPU tensors under Triton's interpreter
+The Triton kernels run where Triton runs: on a CUDA GPU, or on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1 set before the kernels are defined; the CPU tests do that). `unavailable()` says
-why they cannot run here, for the fast path's reason string.
+why they cannot run here, for the fast path's reason string. The CUDA kernel (`w4mma`) needs a GPU and NVRTC;
+on the CPU its algorithm is checked through `w4mma.emulate`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,20 @@
 """Kernel-backed forwards on a loaded model's layers: installed as instance attributes, removed exactly.
 
 A `forward` set on a module instance wins over its class's, so a layer can compute through a kernel
-without any change to its parameters, buffers, class or place in the tree: `str(model)` and the
-state dict stay bitwise equal, and deleting the attribute restores the original. The closures hold
-views of the tensors the layers store: no copies, no extra GPU memory (the 4-bit decode table is a
-kernel constant).
+without any change to its class or place in the tree, and deleting the attribute restores the
+original. The closures hold views of the tensors the layers store: no copies, no extra GPU memory
+(the 4-bit decode table is a kernel constant). The one change to stored tensors: 4-bit layers that
+move to the tensor-core kernel have their bytes and absmax permuted in place (`Installed.shuffled`),
+and `Installed.remove` permutes them back, so the state dict is bitwise equal again.
 
 - LLM.int8() layers (`Linear8bitLt`) always run as W8A16 (core.kernels.w8a16), at every batch size.
 - 4-bit layers (`Linear4bit`) and 16-bit layers run through our kernels for 1 row, and for 2-16 rows
   (a batched decode step: flattened token rows [N, K] or sequences [B, 1, K] alike), wherever one
   measurement per shape (core.kernels.select) found them faster than bitsandbytes' kernel or cuBLAS;
   prefill (more rows) keeps the library.
+- On a GPU with NVRTC, the 4-bit layers move together to the tensor-core kernel (core.kernels.w4mma)
+  for 1-16 rows where their per-step total measured faster at 1 and at 16 rows than what was installed;
+  their prefill then dequantizes an unshuffled copy with bitsandbytes.
 - For one token, a Llama attention's q/k/v and an MLP's gate/up (with SiLU) can each be one launch
   (core.kernels.fusion), where measured faster than the separate layers.
 - `reference=True` installs the kernels' PyTorch reference instead (same math; CPU quality check).
@@ -62,6 +66,7 @@ def install(model, reference: bool = False, timer=None) -> Installed:
         if not layer.always:
             groups[layer.key].append(layer)
     shuffled: list[ShuffledFourBitLayer] = []
+    before: dict[torch.nn.Module, Callable | None] = {}
     try:
         for members in groups.values():
             measured = members[0].measured_rows
@@ -88,14 +93,18 @@ def install(model, reference: bool = False, timer=None) -> Installed:
                 layers[names[layer.module]] = layer
             shuffled += found
         for module, forward in forwards.items():
+            before[module] = module.__dict__.get("forward")
             module.forward = forward
         if not reference:
             fused = fusion.install(model, layers, timer)
             forwards.update(fused.forwards)
             notes += fused.notes
-    except BaseException:
-        for module in forwards:
-            module.__dict__.pop("forward", None)
+    except BaseException:  # the layers as they were: their forwards, and their bytes unshuffled
+        for module, forward in before.items():
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
         for layer in shuffled:
             layer.unshuffle()
         raise
@@ -150,6 +159,10 @@ def _tensor_cores(groups: list[list[FourBitLayer]], forwards: dict, timer) -> tu
             chosen.append((variants[1], variants[FEW_ROWS]))
             notes.append(f"{len(members)}x {first.label} {first.out_features}x{first.in_features} on tensor cores: "
                          + "; ".join(d.describe() for d in verdicts))
+    except Exception as failure:  # e.g. NVRTC cannot build for this driver: the layers stay as installed
+        for layer in (layer for layers in shuffled for layer in layers):
+            layer.unshuffle()
+        return [], [f"4-bit layers not moved to tensor cores: {type(failure).__name__}: {str(failure)[:200]}"]
     except BaseException:
         for layer in (layer for layers in shuffled for layer in layers):
             layer.unshuffle()
