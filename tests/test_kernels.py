@@ -175,6 +175,19 @@ def test_split_kv_attention_matches_reference(dtype, mask_kind):
     assert relative_error(out, expected.double()) < BOUND[dtype]
 
 
+def test_split_kv_attention_gives_a_long_cache_more_blocks_per_program():
+    """A cache longer than 64 parts of 64 positions: each program takes several blocks (an online softmax across
+    them), one row left-padded over 1,000 positions."""
+    torch.manual_seed(0)
+    length = 64 * 70 + 17
+    query = torch.randn(2, 4, 1, 16)
+    key, value = torch.randn(2, 2, length, 16), torch.randn(2, 2, length, 16)
+    keep = torch.ones(2, 1, 1, length, dtype=torch.bool)
+    keep[1, ..., :1000] = False
+    out = attention.split_kv(query, key, value, keep, 0.25)
+    assert relative_error(out, attention.reference(query.double(), key.double(), value.double(), keep, 0.25)) < 1e-5
+
+
 def test_split_kv_attention_leaves_other_calls_to_sdpa():
     query, key = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
     assert not attention.served(torch.randn(1, 4, 3, 16), key, key, None, {})  # prefill

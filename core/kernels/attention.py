@@ -3,9 +3,10 @@
 At batch 1 an 8B model's decode attention reads 2 MB of keys and values a layer from its static
 cache, half a microsecond of an H200's bandwidth, yet cuDNN's flash kernel (what sdpa picks inside the
 graph) took 9-13 µs a layer (benchmarks/RESULTS.md): one program per head walks all 512 positions.
-Here the cache is split into chunks of 64 positions, one program per (row, key/value head, chunk)
-computes all the query heads that share that key/value head (grouped-query attention: no repeated
-key/value heads) with an online softmax, and a second launch combines the chunks per head. The mask
+Here the cache is split into parts of 64 positions (more where the cache is longer than 64 · 64), one
+program per (row, key/value head, part) computes all the query heads that share that key/value head
+(grouped-query attention: no repeated key/value heads) with an online softmax, and a second launch
+combines the parts per head. The mask
 is transformers' own (boolean, or additive floats), so padding of a batched step, the static cache's
 unused positions and sliding windows all apply as in sdpa.
 
@@ -25,7 +26,8 @@ import triton.language as tl
 from core.kernels import interpreted
 
 NAME = "sdpa_split_kv"
-CHUNK = 64  # cache positions per program
+CHUNK = 64  # cache positions per block
+MAX_PARTS = 64  # programs per (row, key/value head) at most: a longer cache gives each program more blocks
 GROUP_ROWS = 16  # query heads per key/value head, padded to tl.dot's smallest tile
 
 
@@ -33,42 +35,51 @@ GROUP_ROWS = 16  # query heads per key/value head, padded to tl.dot's smallest t
 def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, stat_ptr, L, scale,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                   stride_mb, GROUPS: tl.constexpr, HEADS_KV: tl.constexpr, D: tl.constexpr,
-                  CHUNK: tl.constexpr, ROWS: tl.constexpr, MASK: tl.constexpr, FP32_DOT: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """Program (row·HEADS_KV + kv head, chunk): the unnormalized output of the GROUPS query heads over the
-    chunk's positions, with their running max and sum (acc [.., ROWS, D], stat [.., 2, ROWS])."""
-    pair, chunk = tl.program_id(0), tl.program_id(1)
+                  CHUNK: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, MASK: tl.constexpr,
+                  FP32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (row·HEADS_KV + kv head, part): the unnormalized output of the GROUPS query heads over the
+    part's BLOCKS·CHUNK positions (an online softmax over its blocks), with their max and sum
+    (acc [.., ROWS, D], stat [.., 2, ROWS])."""
+    pair, part = tl.program_id(0), tl.program_id(1)
     b, h = pair // HEADS_KV, pair % HEADS_KV
     g = tl.arange(0, ROWS)
     d = tl.arange(0, D)
-    pos = chunk * CHUNK + tl.arange(0, CHUNK)
-    inside = pos < L
     q = tl.load(q_ptr + b * stride_qb + (h * GROUPS + g)[:, None] * stride_qh + d[None, :],
                 mask=(g < GROUPS)[:, None], other=0.0)
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + pos[:, None] * stride_kl + d[None, :],
-                mask=inside[:, None], other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + pos[:, None] * stride_vl + d[None, :],
-                mask=inside[:, None], other=0.0)
     if FP32_DOT:  # Triton's CPU interpreter multiplies 16-bit operands of tl.dot as integers
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-    else:
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    s = s * scale
-    if MASK == 1:  # boolean: True attends
-        keep = tl.load(mask_ptr + b * stride_mb + pos, mask=inside, other=0) != 0
-        s = tl.where(keep[None, :], s, float("-inf"))
-    elif MASK == 2:  # additive floats
-        s = s + tl.load(mask_ptr + b * stride_mb + pos, mask=inside, other=float("-inf")).to(tl.float32)[None, :]
-    s = tl.where(inside[None, :], s, float("-inf"))
-    m = tl.max(s, axis=1)
-    safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk with nothing to attend contributes nothing
-    p = tl.exp(s - safe[:, None])
-    total = tl.sum(p, axis=1)
-    if FP32_DOT:
-        acc = tl.dot(p, v.to(tl.float32))
-    else:
-        acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    base = pair * tl.num_programs(1) + chunk
+        q = q.to(tl.float32)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    for block in range(BLOCKS):
+        pos = (part * BLOCKS + block) * CHUNK + tl.arange(0, CHUNK)
+        inside = pos < L
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + pos[:, None] * stride_kl + d[None, :],
+                    mask=inside[:, None], other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + pos[:, None] * stride_vl + d[None, :],
+                    mask=inside[:, None], other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)))
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = s * scale
+        if MASK == 1:  # boolean: True attends
+            keep = tl.load(mask_ptr + b * stride_mb + pos, mask=inside, other=0) != 0
+            s = tl.where(keep[None, :], s, float("-inf"))
+        elif MASK == 2:  # additive floats
+            s = s + tl.load(mask_ptr + b * stride_mb + pos, mask=inside, other=float("-inf")).to(tl.float32)[None, :]
+        s = tl.where(inside[None, :], s, float("-inf"))
+        new = tl.maximum(m, tl.max(s, axis=1))
+        safe = tl.where(new == float("-inf"), 0.0, new)  # nothing to attend yet: everything stays 0
+        p = tl.exp(s - safe[:, None])
+        keep_old = tl.exp(m - safe)
+        total = total * keep_old + tl.sum(p, axis=1)
+        if FP32_DOT:
+            acc = acc * keep_old[:, None] + tl.dot(p, v.to(tl.float32))
+        else:
+            acc = acc * keep_old[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = new
+    base = pair * tl.num_programs(1) + part
     tl.store(acc_ptr + (base * ROWS + g)[:, None] * D + d[None, :], acc)
     tl.store(stat_ptr + base * 2 * ROWS + g, m)
     tl.store(stat_ptr + base * 2 * ROWS + ROWS + g, total)
@@ -102,7 +113,8 @@ def split_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     batch, heads, _, dim = query.shape
     heads_kv, length = key.shape[1], key.shape[2]
     groups = heads // heads_kv
-    chunks = triton.cdiv(length, CHUNK)
+    blocks = triton.cdiv(triton.cdiv(length, CHUNK), MAX_PARTS)  # of CHUNK positions per program
+    chunks = triton.cdiv(length, CHUNK * blocks)
     acc = torch.empty((batch * heads_kv * chunks, GROUP_ROWS, dim), device=query.device, dtype=torch.float32)
     stat = torch.empty((batch * heads_kv * chunks, 2, GROUP_ROWS), device=query.device, dtype=torch.float32)
     kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
@@ -112,7 +124,7 @@ def split_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
         query, key, value, flat, acc, stat, length, scale, query.stride(0), query.stride(1), key.stride(0),
         key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
         flat.stride(0) if mask is not None else 0, GROUPS=groups, HEADS_KV=heads_kv, D=dim, CHUNK=CHUNK,
-        ROWS=GROUP_ROWS, MASK=kind, FP32_DOT=fp32, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        BLOCKS=blocks, ROWS=GROUP_ROWS, MASK=kind, FP32_DOT=fp32, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=4)
     out = torch.empty((batch, 1, heads, dim), device=query.device, dtype=query.dtype)
     _combine_kernel[(batch * heads,)](acc, stat, out, chunks, GROUPS=groups, HEADS_KV=heads_kv, D=dim,
