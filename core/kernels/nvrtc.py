@@ -23,8 +23,9 @@ def unavailable() -> str | None:
         return "no CUDA GPU"
     try:
         _library()
-    except OSError as exc:
-        return f"NVRTC is not available ({exc})"
+        from torch.cuda._utils import _cuda_load_module  # noqa: F401  torch's loader (private: checked here)
+    except (OSError, ImportError, AttributeError) as exc:
+        return f"NVRTC is not available ({type(exc).__name__}: {exc})"
     return None
 
 
