@@ -9,14 +9,14 @@ optionally of a compiled forward.
 On a GPU with Triton, layers also compute through the fast path's own kernels (core.kernels):
 LLM.int8() layers as weight-only int8 (W8A16) from the int8 weights bitsandbytes stores, which makes
 the int8 decode step graphable at all; 4-bit layers through a 4-bit GEMV, or through tensor cores
-over a shuffled layout, wherever it measured faster than bitsandbytes' own. Those are `forward`s set on the layer instances, over views of the stored
-tensors.
+over a shuffled layout, wherever it measured faster than bitsandbytes' own. Those are `forward`s set
+on the layer instances, over views of the stored tensors.
 
 The fast path changes only how decode runs, never a module, so `reverse` restores the canonical model
 exactly: same module tree, same config, bitwise-equal state dict. The one change to stored tensors is a
 permutation: 4-bit layers that move to the tensor-core kernel (core.kernels.w4mma) have their bytes and
-absmax shuffled in place while the fast path is on (no memory added), and `reverse` unshuffles them. The choice is made
-once per model with the reason recorded (`FastPathState.reason`), and can be overridden. What `enable`
+absmax shuffled in place while the fast path is on (no memory added), and `reverse` unshuffles them. The
+choice is made once per model with the reason recorded (`FastPathState.reason`), and can be overridden. What `enable`
 changed is kept in one frozen record (`FastPathUndo`, `LoadedModel.canonical`; None while off).
 
 A model split across GPUs (a device map over several) is graphed as one CUDA graph over all of them

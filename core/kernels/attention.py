@@ -86,8 +86,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, stat_ptr, L, scale,
 
 
 @triton.jit
-def _combine_kernel(acc_ptr, stat_ptr, out_ptr, CHUNKS, GROUPS: tl.constexpr, HEADS_KV: tl.constexpr,
-                    D: tl.constexpr, ROWS: tl.constexpr, CHUNKS_POW2: tl.constexpr):
+def _combine_kernel(acc_ptr, stat_ptr, out_ptr, CHUNKS, GROUPS: tl.constexpr, D: tl.constexpr,
+                    ROWS: tl.constexpr, CHUNKS_POW2: tl.constexpr):
     """Program (row·HEADS + head): its chunks' outputs weighed by exp(max - overall max), over their sums."""
     head = tl.program_id(0)
     pair, g = head // GROUPS, head % GROUPS
@@ -124,11 +124,11 @@ def split_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
         query, key, value, flat, acc, stat, length, scale, query.stride(0), query.stride(1), key.stride(0),
         key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
         flat.stride(0) if mask is not None else 0, GROUPS=groups, HEADS_KV=heads_kv, D=dim, CHUNK=CHUNK,
-        BLOCKS=blocks, ROWS=GROUP_ROWS, MASK=kind, FP32_DOT=fp32, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4)
+        BLOCKS=blocks, ROWS=GROUP_ROWS, MASK=kind, FP32_DOT=fp32,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4)
     out = torch.empty((batch, 1, heads, dim), device=query.device, dtype=query.dtype)
-    _combine_kernel[(batch * heads,)](acc, stat, out, chunks, GROUPS=groups, HEADS_KV=heads_kv, D=dim,
-                                      ROWS=GROUP_ROWS, CHUNKS_POW2=triton.next_power_of_2(chunks), num_warps=4)
+    _combine_kernel[(batch * heads,)](acc, stat, out, chunks, GROUPS=groups, D=dim, ROWS=GROUP_ROWS,
+                                      CHUNKS_POW2=triton.next_power_of_2(chunks), num_warps=4)
     return out
 
 
@@ -143,11 +143,11 @@ def served(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     """Whether `split_kv` computes this call: one query token per row, a mask shared by the heads, nothing
     sdpa would add (position bias, soft-capping, attention weights), a power-of-two head size up to 256."""
     dim = query.shape[-1]
-    return (query.shape[2] == 1 and query.dtype == key.dtype == value.dtype and key.shape[-1] == value.shape[-1] == dim and dim in (16, 32, 64, 128, 256)
+    return (query.shape[2] == 1 and query.dtype == key.dtype == value.dtype
+            and key.shape[-1] == value.shape[-1] == dim and dim in (16, 32, 64, 128, 256)
             and query.shape[1] % key.shape[1] == 0 and query.shape[1] // key.shape[1] <= GROUP_ROWS
             and (mask is None or (mask.dim() == 4 and mask.shape[0] == query.shape[0] and mask.shape[1] == 1
-                                  and mask.shape[2] == 1
-                                  and mask.shape[-1] >= key.shape[2]))
+                                  and mask.shape[2] == 1 and mask.shape[-1] >= key.shape[2]))
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
             and not kwargs.get("output_attentions", False) and query.stride(-1) == 1 and key.stride(-1) == 1
             and value.stride(-1) == 1)

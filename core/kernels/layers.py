@@ -172,8 +172,7 @@ class FourBitLayer(Layer):
 
     def tensor_cores(self) -> bool:
         """Whether the tensor-core kernel (core.kernels.w4mma) can serve this layer once shuffled."""
-        return (w4mma.available(self.device) is None and w4mma.supported(self.packed, self.compute_dtype)
-                and self.module.weight.is_cuda)
+        return w4mma.available(self.device) is None and w4mma.supported(self.packed, self.compute_dtype)
 
     def shuffled(self) -> ShuffledFourBitLayer:
         """Shuffles the stored bytes in place; the returned layer computes from them (`unshuffle` restores them)."""
@@ -184,6 +183,8 @@ class FourBitLayer(Layer):
 @dataclass(frozen=True, eq=False)
 class ShuffledFourBitLayer(FourBitLayer):
     """A 4-bit layer whose bytes and absmax are in the tensor-core kernel's layout (core.kernels.w4mma)."""
+
+    always: ClassVar[bool] = True  # its shuffled bytes are read right only here, prefill included
 
     # (warps, K blocks loaded ahead) for 1-8 rows and for 9-16, measured per shape at fast-path time
     variants: tuple[tuple[int, int], tuple[int, int]] = ((w4mma.WARPS, w4mma.UNROLL),) * 2

@@ -89,7 +89,7 @@ def install(model, reference: bool = False, timer=None) -> Installed:
             notes += found_notes
             names = {layer.module: name for name, layer in layers.items()}
             for layer in found:
-                forwards[layer.module] = _single_forward(layer, True, True, reference, every=True)
+                forwards[layer.module] = _single_forward(layer, True, True, False)
                 layers[names[layer.module]] = layer
             shuffled += found
         for module, forward in forwards.items():
@@ -111,14 +111,14 @@ def install(model, reference: bool = False, timer=None) -> Installed:
     return Installed(tuple(forwards), tuple(notes), tuple(shuffled))
 
 
-def _single_forward(layer: Layer, one_row: bool, few_rows: bool, reference: bool, every: bool = False) -> Callable:
+def _single_forward(layer: Layer, one_row: bool, few_rows: bool, reference: bool) -> Callable:
     """Our kernel for 1 row (and for 2-16 rows when `few_rows`), the layer's own forward otherwise;
-    `always` layers (LLM.int8()) take the kernel at every size (W8A16: no host syncs, one numerics), and so
-    does a layer whose bytes were shuffled (`every`), which routes prefill itself."""
+    `always` layers take the kernel at every size: LLM.int8() (W8A16: no host syncs, one numerics), and a
+    4-bit layer whose bytes were shuffled (it routes prefill itself)."""
     module = layer.module
     original = type(module).forward
     compute = layer.reference if reference else layer.kernel
-    always = layer.always or every
+    always = layer.always
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -138,9 +138,10 @@ def _tensor_cores(groups: list[list[FourBitLayer]], forwards: dict, timer) -> tu
     each shape at 1 and 16 rows (the best of a few variants) against what is installed (timing does not depend
     on the bytes' values), and keeps the shuffle where the layers' total is faster at both row counts. All
     together because one launch serves a layer's q/k/v (and gate/up) only when all of them are shuffled: an
-    8B model's k/v alone lose 0.4 µs at one row where the fused q/k/v gains 6. Returns the shuffled layers
+    8B model's k/v alone lose 0.2 µs at one row where the fused q/k/v gains 4-7 µs. Returns the shuffled layers
     (none when the bytes were restored) and notes."""
     shuffled = [[layer.shuffled() for layer in members] for members in groups]
+    moved: list[ShuffledFourBitLayer] = []
     try:
         totals, notes, chosen = {1: [0.0, 0.0], FEW_ROWS: [0.0, 0.0]}, [], []
         for members, layers in zip(groups, shuffled):
@@ -159,24 +160,20 @@ def _tensor_cores(groups: list[list[FourBitLayer]], forwards: dict, timer) -> tu
             chosen.append((variants[1], variants[FEW_ROWS]))
             notes.append(f"{len(members)}x {first.label} {first.out_features}x{first.in_features} on tensor cores: "
                          + "; ".join(d.describe() for d in verdicts))
+        wins = all(ours < theirs for ours, theirs in totals.values())
+        summary = (f"4-bit layers {'moved' if wins else 'not moved'} to the tensor-core layout (all of them, per "
+                   "step: " + "; ".join(f"{rows} row{'s' if rows > 1 else ''} {ours:.0f} µs against {theirs:.0f}"
+                                        for rows, (ours, theirs) in totals.items()) + ")")
+        if wins:
+            moved = [replace(layer, variants=variants) for layers, variants in zip(shuffled, chosen)
+                     for layer in layers]
+        return moved, [summary, *notes]
     except Exception as failure:  # e.g. NVRTC cannot build for this driver: the layers stay as installed
-        for layer in (layer for layers in shuffled for layer in layers):
-            layer.unshuffle()
         return [], [f"4-bit layers not moved to tensor cores: {type(failure).__name__}: {str(failure)[:200]}"]
-    except BaseException:
-        for layer in (layer for layers in shuffled for layer in layers):
-            layer.unshuffle()
-        raise
-    wins = all(ours < theirs for ours, theirs in totals.values())
-    summary = (f"4-bit layers {'moved' if wins else 'not moved'} to the tensor-core layout (all of them, per step: "
-               + "; ".join(f"{rows} row{'s' if rows > 1 else ''} {ours:.0f} µs against {theirs:.0f}"
-                           for rows, (ours, theirs) in totals.items()) + ")")
-    if wins:
-        return [replace(layer, variants=variants) for layers, variants in zip(shuffled, chosen)
-                for layer in layers], [summary, *notes]
-    for layer in (layer for layers in shuffled for layer in layers):
-        layer.unshuffle()
-    return [], [summary, *notes]
+    finally:
+        if not moved:  # lost, failed or interrupted: the stored bytes back
+            for layer in (layer for layers in shuffled for layer in layers):
+                layer.unshuffle()
 
 
 def _measure(members: list[Layer], rows: int, timer) -> select.Decision:

@@ -33,23 +33,24 @@ def unavailable() -> str | None:
 def _library() -> ctypes.CDLL:
     from torch.cuda import _utils
 
-    return _utils._get_nvrtc_library()
+    lib = _utils._get_nvrtc_library()
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
 
 
 def _check(lib: ctypes.CDLL, result: int, log: bytes = b"") -> None:
     if result != 0:
-        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
         text = lib.nvrtcGetErrorString(result)
         raise RuntimeError(f"NVRTC: {text.decode() if text else result}\n{log.decode(errors='replace')}")
 
 
-def compile_cubin(source: str, arch: str, options: tuple[str, ...] = ()) -> bytes:
+def compile_cubin(source: str, arch: str) -> bytes:
     """`source` (no includes) compiled to a CUBIN for `arch` ("90" for an H100/H200)."""
     lib = _library()
     program = ctypes.c_void_p()
     _check(lib, lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernel.cu", 0, None, None))
     try:
-        flags = [f"--gpu-architecture=sm_{arch}", "--std=c++17", *options]
+        flags = [f"--gpu-architecture=sm_{arch}", "--std=c++17"]
         array = (ctypes.c_char_p * len(flags))(*[f.encode() for f in flags])
         result = lib.nvrtcCompileProgram(program, len(flags), array)
         size = ctypes.c_size_t()

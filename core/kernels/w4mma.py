@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from core.kernels import nvrtc
+from core.kernels.tiling import outputs, rows_of
 from core.kernels.w4a16 import Packed
 
 BLOCKSIZE = 64
@@ -284,10 +285,10 @@ def supported(w: Packed, dtype: torch.dtype) -> bool:
             and w.data.numel() * 2 == n * k)
 
 
-def _tiles(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """The stored bytes [N, K/2] as [N/16, 2 (row half h), 8 (row g), K/64 (block), 4 (lane t), 4 (word j), 2 (q)]:
-    row = 16·tile + 8·h + g, byte = 32·block + 8·t + 2·j + q."""
-    return data.view(n // 16, 2, 8, k // 64, 4, 4, 2)
+def _tiles(n: int, k: int) -> tuple[int, ...]:
+    """The stored bytes [N, K/2] seen as [N/16, 2 (row half h), 8 (row g), K/64 (block), 4 (lane t), 4 (word j),
+    2 (q)]: row = 16·tile + 8·h + g, byte = 32·block + 8·t + 2·j + q."""
+    return n // 16, 2, 8, k // 64, 4, 4, 2
 
 
 # The shuffled order: (tile, block, g, t, j, q, h): lane 4g + t, word j, byte 2q + h of its 16 bytes.
@@ -297,13 +298,13 @@ _UNSHUFFLE = tuple(_SHUFFLE.index(i) for i in range(7))
 
 def shuffled(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """A shuffled copy of the stored bytes (uint8 [N·K/2])."""
-    return _tiles(data, n, k).permute(*_SHUFFLE).reshape(-1)
+    return data.view(_tiles(n, k)).permute(*_SHUFFLE).reshape(-1)
 
 
 def unshuffled(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The stored bytes back from a shuffled copy (uint8 [N·K/2])."""
-    order = [(n // 16, 2, 8, k // 64, 4, 4, 2)[i] for i in _SHUFFLE]
-    return data.view(*order).permute(*_UNSHUFFLE).reshape(-1)
+    tiles = _tiles(n, k)
+    return data.view([tiles[i] for i in _SHUFFLE]).permute(*_UNSHUFFLE).reshape(-1)
 
 
 def shuffled_absmax(absmax: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -354,52 +355,35 @@ def launch(x2: torch.Tensor, weights: list[Packed], outs: list[torch.Tensor], si
 
 def rows_ready(x: torch.Tensor) -> torch.Tensor:
     """x as [M, K] rows the kernel can load 16 bytes at a time."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    return x2
-
-
-@torch.library.custom_op("llm_app::w4mma_linear", mutates_args=())
-def linear(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int,
-           absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None, warps: int,
-           unroll: int) -> torch.Tensor:
-    """A shuffled 4-bit layer's forward for 1-16 rows (`Packed`'s fields, flattened for torch.library)."""
-    w = Packed(data, absmax, code, (n, x.shape[-1]), BLOCKSIZE, absmax2, code2, offset)
-    x2 = rows_ready(x)
-    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-    launch(x2, [w], [out], False, warps, unroll)
-    return out.reshape(*x.shape[:-1], n)
-
-
-@linear.register_fake
-def _(x, data, absmax, code, n, absmax2, code2, offset, warps, unroll):
-    return x.new_empty((*x.shape[:-1], n))
+    x2 = rows_of(x)
+    return x2.contiguous() if x2.stride(0) % 8 or x2.data_ptr() % 16 else x2
 
 
 def apply(x: torch.Tensor, w: Packed, variant: tuple[int, int] = (WARPS, UNROLL)) -> torch.Tensor:
-    return linear(x, w.data, w.absmax, w.code, w.shape[0], w.absmax2, w.code2, w.offset, *variant)
+    """A shuffled 4-bit layer's forward for 1-16 rows."""
+    return apply_group(x, [w], False, variant)[0]
 
 
 @torch.library.custom_op("llm_app::w4mma_group", mutates_args=())
 def group(x: torch.Tensor, datas: list[torch.Tensor], absmaxes: list[torch.Tensor], code: torch.Tensor,
           rows: list[int], absmax2s: list[torch.Tensor], code2: torch.Tensor | None, offsets: list[torch.Tensor],
           silu_pair: bool, warps: int, unroll: int) -> list[torch.Tensor]:
-    """Up to 16 rows through up to three shuffled layers that share them, in one launch; `absmax2s` and
-    `offsets` are empty when the absmax are plain fp32."""
+    """Up to 16 rows through one to three shuffled layers that share them, in one launch (`Packed`'s fields,
+    flattened for torch.library, so that torch.compile and CUDA graphs hold it); `absmax2s` and `offsets` are
+    empty when the absmax are plain fp32."""
     k = x.shape[-1]
     nested = bool(absmax2s)
     weights = [Packed(d, a, code, (n, k), BLOCKSIZE, absmax2s[i] if nested else None, code2 if nested else None,
                       offsets[i] if nested else None) for i, (d, a, n) in enumerate(zip(datas, absmaxes, rows))]
     x2 = rows_ready(x)
-    outs = [x2.new_empty((x2.shape[0], n)) for n in (rows[:1] if silu_pair else rows)]
+    outs = outputs(x2, rows, silu_pair)
     launch(x2, weights, outs, silu_pair, warps, unroll)
     return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs]
 
 
 @group.register_fake
 def _(x, datas, absmaxes, code, rows, absmax2s, code2, offsets, silu_pair, warps, unroll):
-    return [x.new_empty((*x.shape[:-1], n)) for n in (rows[:1] if silu_pair else rows)]
+    return outputs(x, rows, silu_pair)
 
 
 def apply_group(x: torch.Tensor, weights: list[Packed], silu_pair: bool,
