@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import SHAPES, conditions, copy_bandwidth  # noqa: E402
+from benchmarks.common import SHAPES, conditions, copy_bandwidth, timeline  # noqa: E402
 from core import fastpath, generation, loading  # noqa: E402
 from core.spec import EMBEDDED_MODEL, GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
 
@@ -247,6 +247,10 @@ def run_rows(loaded, model_name: str, quant: str, load_s: float, prompt: str, ba
                 if args.profile and state.compiled:
                     label = f"{model_name}-{quant}-b{batch}-{path}"
                     print(profile_step(loaded, batch, Path(args.profile), label), flush=True)
+                if args.timeline and state.cuda_graph:
+                    spec = GenerationSpec(greedy=True, max_new_tokens=32, use_chat_template=False)
+                    text = timeline(lambda: generation.generate(loaded, [prompt] * batch, spec, min_new_tokens=32))
+                    print(f"{model_name}-{quant}-b{batch}-{path} generate() {text}", flush=True)
             except Exception as error:  # a failed extra measurement leaves the row standing
                 row.detail += f"; raw/profile failed: {type(error).__name__}: {str(error)[:100]}"
             if state.kernels:
@@ -384,6 +388,8 @@ def main() -> None:
     parser.add_argument("--peers", default="", help="torchao peers: int8wo, int4wo (every batch size)")
     parser.add_argument("--raw", action="store_true", help="also time the captured graph alone (pure GPU)")
     parser.add_argument("--profile", default=None, help="file to append the kernel tables of compiled rows to")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also trace 32 tokens of each graphed row's generate(): where a step's time goes")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)

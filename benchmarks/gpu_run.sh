@@ -7,6 +7,8 @@
 #   decode  the decode table, 8B shapes, batch sizes $BATCH, torchao peers beside, compile mode $COMPILE_MODE
 #   split   split placement at fast-path speed (benchmarks/split.py): $SPLIT_MODEL (smol; llama8b for the
 #           8B run) over GPU 0 and GPU 1 against GPU 0 alone; the app's report text to $OUT/app_report.md
+#   serve   visitors at once through the worker (benchmarks/serve.py): $SERVE_QUANTS, $STREAMS, $SERVINGS; with
+#           $SERVE_COMPILE the graphed steps of a compiled forward; $TIMELINE (here and in decode) traces steps
 #   seq2seq T5 shapes ($SEQ2SEQ_SHAPES, t5-11b) in bf16, nf4 and int8: footprint, peak, decode paths $SEQ2SEQ_PATHS
 #           (plain and the fast path), fit estimate (benchmarks/seq2seq.py)
 # Random checkpoints are built under $WORK: /dev/shm (memory) where it is writable, else /tmp.
@@ -36,8 +38,12 @@ for stage in ${STAGES:-tests decode split}; do
         --batch "${BATCH:-1,4,8,16}" --paths "${PATHS:-graph,kernels}" --compile "${COMPILE-none,nf4,int8}" \
         --compile-batches "${COMPILE_BATCHES:-1}" \
         --compile-mode "${COMPILE_MODE:-default}" --peers "${PEERS-int8wo,int4wo}" --prompt-len 128 --new "${NEW:-128}" \
-        --repeats 1 --raw ${PROFILE:+--profile "$OUT/profiles.txt"} --tokenizer "$WHL/tokenizer" \
+        --repeats 1 --raw ${PROFILE:+--profile "$OUT/profiles.txt"} ${TIMELINE:+--timeline} --tokenizer "$WHL/tokenizer" \
         --results "$OUT/decode.md" --json "$OUT/decode.json" 2>&1 | grep -v "Loading weights\|Writing model" | tail -60 ;;
+    serve) timeout "${SERVE_S:-420}" python3 benchmarks/serve.py --model llama8b --quant "${SERVE_QUANTS:-none,nf4,int8}" \
+        --streams "${STREAMS:-1,16}" --rate "${RATE:-0}" --new "${NEW:-128}" --prompt-len 128 --tokenizer "$WHL/tokenizer" \
+        --work "$WORK" --servings "${SERVINGS:-batched,one}" ${SERVE_COMPILE:+--compile} ${TIMELINE:+--timeline} \
+        --results "$OUT/serve.md" 2>&1 | grep -v "MatMul8bitLt\|Loading weights\|Writing model" | tail -40 ;;
     seq2seq) timeout "${SEQ2SEQ_S:-480}" python3 benchmarks/seq2seq.py --shapes "${SEQ2SEQ_SHAPES:-t5-11b}" \
         --tokenizer "$WHL/tokenizer" --work "$WORK" --modes "${SEQ2SEQ_MODES:-none,nf4,int8}" \
         --paths "${SEQ2SEQ_PATHS:-plain,fast path}" --results "$OUT/seq2seq.md" --json "$OUT/seq2seq.json" 2>&1 \

@@ -27,13 +27,14 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import timeline  # noqa: E402
 from core.serving.batch import StepTimes  # noqa: E402
 from core.serving.requests import ChatRequest, prompt_ids  # noqa: E402
 from core.spec import GenerationSpec, LoadSpec, QuantSpec, parse_device_map  # noqa: E402
@@ -252,7 +253,7 @@ def run_model(args, model: str, quant: str) -> list[Row]:
         path = LoadSpec().model
     spec = LoadSpec(model=path, dtype="bfloat16" if device == "cuda" else "float32", quant=QuantSpec(mode=quant),
                     device_map=parse_device_map("cuda:0" if device == "cuda" else "cpu"),
-                    fast_path=device == "cuda")
+                    fast_path=device == "cuda", fast_path_compile=args.compile)
     worker = Worker(max_pending=256, max_batch=max(args.streams))
     worker.run(lambda engine, job: engine.load(spec), "load")
     if model in ("llama8b", "smol"):
@@ -268,7 +269,14 @@ def run_model(args, model: str, quant: str) -> list[Row]:
     print(table(rows[-1:], header=len(rows) == 1), flush=True)
     for n in sorted({1, *args.streams}):  # warm-up: captures the graph of every batch bucket at the measured length
         through_worker(worker, warm[:n], generation, [0.0] * n)
-    for serving, limit in (("batched", max(args.streams)), ("one at a time", 1)):
+    if args.timeline and device == "cuda":
+        step = replace(generation, max_new_tokens=32)
+        print(f"# generate() alone: {timeline(lambda: through_generate(worker, warm[0], step))}", flush=True)
+        for n in sorted({1, max(args.streams)}):
+            text = timeline(lambda: through_worker(worker, warm[:n], step, [0.0] * n))
+            print(f"# running batch, {n} together: {text}", flush=True)
+    servings = (("batched", max(args.streams)), ("one at a time", 1))
+    for serving, limit in [s for s in servings if s[0].split()[0] in args.servings.split(",")]:
         set_rows(worker, limit)
         if limit == 1:  # a new batch of one row: its graph captured before it is timed
             through_worker(worker, warm[:1], generation, [0.0])
@@ -321,6 +329,11 @@ def main() -> None:
                         "with its earlier turns kept, and re-prefilled")
     parser.add_argument("--transformers", action="store_true", help="also transformers' continuous batching "
                         "(generate_batch) on the same prompts, in the same run")
+    parser.add_argument("--compile", action="store_true", help="the fast path's graphed steps of a compiled forward "
+                        "(fast_path_compile: a compile per batch bucket)")
+    parser.add_argument("--servings", default="batched,one", help="batched, one (at a time), or both")
+    parser.add_argument("--timeline", action="store_true", help="also trace 32 tokens of generate() alone and of the "
+                        "running batch at 1 and the most streams: where a step's time goes")
     parser.add_argument("--prompt-len", type=int, default=0, help="pad prompts to about this many tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default="/tmp/llm-bench")

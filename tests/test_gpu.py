@@ -59,6 +59,30 @@ def test_int8_kernels_match_reference(rows):
     assert relative_error(out, expected) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_int8_byte_permute_conversion_is_exact(dtype, rows):
+    """The int8 kernels' byte-permute conversion gives every code, -128 to 127, its own value: outputs equal, bit for
+    bit, those of the same kernels with Triton's conversion, for each activation dtype, at one row and batched."""
+    n, k = 512, 4096
+    codes = torch.arange(n * k, device="cuda").remainder(256).sub(128).to(torch.int8).reshape(n, k)
+    cb = codes[:, torch.randperm(k, device="cuda")]  # every row holds every code, 16 times, in no order
+    scb = torch.rand(n, device="cuda") + 0.1
+    x = torch.randn(rows, k, device="cuda", dtype=dtype)
+    outs = []
+    for plain in (False, True):
+        out = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
+        if rows == 1:
+            w8a16.launch_gemv(x, [cb], [scb], [out], plain=plain)
+        else:
+            tiling.launch_dense_gemm(x, cb, scb, out, plain=plain)
+        outs.append(out)
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+    expected = x.double() @ (cb.double() * scb.double()[:, None] / 127).T
+    assert relative_error(outs[0], expected) < 1e-2
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("decode", [True, False])
 def test_4bit_gemv_matches_reference_on_the_gpu(quant_type, decode):

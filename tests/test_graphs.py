@@ -201,6 +201,32 @@ def test_the_encoder_decoder_cache_crops_its_self_attention_half_only(t5):
     assert graph.cache_for(1, 10, input_length=6) is cache and cache.get_seq_length() == 0  # reset for the next answer
 
 
+def test_the_graphed_cache_skips_the_stop_checks_crop_by_zero_and_still_crops(loaded_models):
+    """generate()'s deferred stop check crops the graphed cache by 0 after every step: no kernel at all (on a GPU,
+    one per layer between two replays), while a real crop still shortens every layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.count += 1
+            return func(*args, **(kwargs or {}))
+
+    graph = cuda_graphs.GraphedDecode(loaded_models("none").model)
+    cache = graph.cache_for(1, 10)
+    config = loaded_models("none").model.config
+    keys = torch.zeros(1, config.num_key_value_heads, 1, config.hidden_size // config.num_attention_heads)
+    for _ in range(3):
+        for layer in range(len(cache.layers)):
+            cache.update(keys, keys, layer)
+    with Ops():
+        cache.crop(0)
+    assert Ops.count == 0
+    cache.crop(-1)
+    assert {int(layer.cumulative_length) for layer in cache.layers} == {2}
+
+
 def test_on_a_split_model_the_kernels_stand_in_for_accelerates_hooks_and_reverse_puts_them_back(checkpoint, tmp_path,
                                                                                                 monkeypatch):
     """accelerate's dispatch sets a forward on every module with weights; the kernels' forwards replace those inside

@@ -31,6 +31,21 @@ def test_chats_join_in_arrival_order_up_to_the_batch_cap():
     assert scheduler.decide(line, ["x", "y"], max_batch=3, max_per_visitor=2).admit == (0,)
 
 
+def test_the_batchs_two_pass_greedy_choice_is_argmax_ties_included():
+    import torch
+
+    from core.serving.batch import greedy
+
+    torch.manual_seed(0)
+    for vocab in (128256, 49152, 50257):  # Llama 3's and SmolLM2's vocabularies split into chunks; GPT-2's does not
+        logits = (torch.randn(8, vocab) * 2).round().to(torch.bfloat16)  # many equal maxima
+        logits[0] = 0  # all equal: the first
+        logits[1, 3000] = logits[1, 5000] = 100  # equal maxima in two chunks: the first chunk's
+        logits[2, 1023:1025] = 100  # across a chunk boundary
+        logits[3] = float("-inf")
+        assert torch.equal(greedy(logits), logits.argmax(-1)), vocab
+
+
 def test_an_exclusive_job_waits_for_the_batch_to_drain_and_holds_the_chats_behind_it():
     line = [Waiting(False, "a"), Waiting(True), Waiting(False, "b")]
     assert scheduler.decide(line, ["x"], 8, 2).admit == (0,)  # the chat before it still joins; b waits behind it

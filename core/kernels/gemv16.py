@@ -35,14 +35,14 @@ def gemv_kernel(x_ptr, w0, w1, w2, o0, o1, o2, N0, N1, N2, K: tl.constexpr, BLOC
     if SILU_PAIR:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N0
-        gate = row_dots(x_ptr, w0, rows, live, K, BLOCK_N, BLOCK_K)
-        up = row_dots(x_ptr, w1, rows, live, K, BLOCK_N, BLOCK_K)
+        gate = row_dots(x_ptr, w0, rows, live, K, BLOCK_N, BLOCK_K, 0)
+        up = row_dots(x_ptr, w1, rows, live, K, BLOCK_N, BLOCK_K, 0)
         tl.store(o0 + rows, (gate * tl.sigmoid(gate) * up).to(o0.dtype.element_ty), mask=live)
     else:
         w, _, o, n, first = segment(pid, N0, N1, N2, w0, w1, w2, w0, w1, w2, o0, o1, o2, BLOCK_N)
         rows = first + tl.arange(0, BLOCK_N)
         live = rows < n
-        tl.store(o + rows, row_dots(x_ptr, w, rows, live, K, BLOCK_N, BLOCK_K).to(o.dtype.element_ty), mask=live)
+        tl.store(o + rows, row_dots(x_ptr, w, rows, live, K, BLOCK_N, BLOCK_K, 0).to(o.dtype.element_ty), mask=live)
 
 
 def launch_gemv(x: torch.Tensor, weights: list[torch.Tensor], outs: list[torch.Tensor], silu_pair: bool = False,

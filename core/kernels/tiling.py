@@ -151,8 +151,77 @@ def dividing(k: int, target: int, floor: int) -> int:
     return size
 
 
+# int8 codes to floats without the integer-to-float instruction. `cvt` from int8 (I2F) issues at 16 results a clock
+# on a multiprocessor against 128 for an FMA, so a one-row int8 GEMV converting each weight with it is bound by the
+# conversions, not by its bytes (H200: gate/up at 3.2 TB/s against bf16's 4.4). Here, four codes a register: flip
+# each byte's sign bit (w + 128, 0-255), place the byte under the exponent of 2^23 with a byte permute (the float
+# 2^23 + w + 128), and subtract 2^23 + 128: exactly w, in integer and float instructions that issue at full rate
+# (FasterTransformer's conversion). For 16-bit results the float's upper half is the bf16 of w (|w| <= 128 has at
+# most 8 significant bits), and for fp16 the byte goes under 1024's exponent (10 mantissa bits), two per register.
+CONVERT_PLAIN, CONVERT_F32, CONVERT_BF16, CONVERT_F16 = 0, 1, 2, 3
+_F32_ASM = tl.constexpr("""{
+.reg .b32 t, m;
+mov.b32 m, 0x4B000000;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, m, 0x7650;
+prmt.b32 $1, t, m, 0x7651;
+prmt.b32 $2, t, m, 0x7652;
+prmt.b32 $3, t, m, 0x7653;
+sub.f32 $0, $0, 0f4B000080;
+sub.f32 $1, $1, 0f4B000080;
+sub.f32 $2, $2, 0f4B000080;
+sub.f32 $3, $3, 0f4B000080;
+}""")
+_BF16_ASM = tl.constexpr("""{
+.reg .b32 t, m, f0, f1, f2, f3;
+mov.b32 m, 0x4B000000;
+xor.b32 t, $2, 0x80808080;
+prmt.b32 f0, t, m, 0x7650;
+prmt.b32 f1, t, m, 0x7651;
+prmt.b32 f2, t, m, 0x7652;
+prmt.b32 f3, t, m, 0x7653;
+sub.f32 f0, f0, 0f4B000080;
+sub.f32 f1, f1, 0f4B000080;
+sub.f32 f2, f2, 0f4B000080;
+sub.f32 f3, f3, 0f4B000080;
+prmt.b32 $0, f0, f1, 0x7632;
+prmt.b32 $1, f2, f3, 0x7632;
+}""")
+_F16_ASM = tl.constexpr("""{
+.reg .b32 t, m, c;
+mov.b32 m, 0x64646464;
+mov.b32 c, 0x64806480;
+xor.b32 t, $2, 0x80808080;
+prmt.b32 $0, t, m, 0x5140;
+prmt.b32 $1, t, m, 0x5342;
+sub.f16x2 $0, $0, c;
+sub.f16x2 $1, $1, c;
+}""")
+
+
+def convert_mode(codes: torch.Tensor, to: torch.dtype, kernel) -> int:
+    """How a kernel converts `codes` to `to`: the byte-permute conversion for int8 codes on a GPU, else Triton's."""
+    if codes.dtype != torch.int8 or codes.device.type != "cuda" or interpreted(kernel):
+        return CONVERT_PLAIN
+    return {torch.float32: CONVERT_F32, torch.bfloat16: CONVERT_BF16, torch.float16: CONVERT_F16}.get(to, 0)
+
+
 @triton.jit
-def row_dots(x_ptr, w_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def converted(w, to: tl.constexpr, CONVERT: tl.constexpr):
+    """int8 codes (or 16-bit weights, CONVERT_PLAIN) as `to`, the same values."""
+    if CONVERT == 1:
+        return tl.inline_asm_elementwise(_F32_ASM, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+    elif CONVERT == 2:
+        return tl.inline_asm_elementwise(_BF16_ASM, "=r,=r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=4)
+    elif CONVERT == 3:
+        return tl.inline_asm_elementwise(_F16_ASM, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        return w.to(to)
+
+
+@triton.jit
+def row_dots(x_ptr, w_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             CONVERT: tl.constexpr):
     """fp32 [BLOCK_N]: x · W[row] for each of `rows` of a row-major [N, K] weight (16-bit, or int8 codes)."""
     base = w_ptr + rows.to(tl.int64)[:, None] * K
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # one cross-thread reduction, after the loop
@@ -161,7 +230,7 @@ def row_dots(x_ptr, w_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, B
         inside = cols < K
         w = tl.load(base + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
         x = tl.load(x_ptr + cols, mask=inside, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += converted(w, tl.float32, CONVERT) * x.to(tl.float32)[None, :]
     return tl.sum(acc, axis=1)
 
 
@@ -169,7 +238,7 @@ def row_dots(x_ptr, w_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, B
 def dense_gemm_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, partial_ptr, count_ptr, M, N, K: tl.constexpr, stride_xm,
                       stride_om, SCALED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, CONVERT: tl.constexpr):
     """x [M, K] · W[N, K]ᵀ for a row-major W of 16-bit weights or int8 codes (converted to x's dtype,
     exact for |code| <= 127), times scale[n] / 127 when SCALED (LLM.int8()'s row absmax), once per output.
     Each program reads a BLOCK_N x K stripe of W once for all the BLOCK_M rows: at 16 rows or fewer
@@ -187,14 +256,15 @@ def dense_gemm_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, partial_ptr, count_ptr, 
         if FP32_DOT:  # Triton 3.6's interpreter multiplies bf16 bit patterns as integers in tl.dot
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
         else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+            acc = tl.dot(x, tl.trans(converted(w, x.dtype, CONVERT)), acc, input_precision=PRECISION)
     if SCALED:
         acc = acc * (tl.load(scale_ptr + cols, mask=cols < N, other=0.0) * (1.0 / 127.0))[None, :]
     store_tile(acc, out_ptr, partial_ptr, count_ptr, rows, cols, M, N, stride_om, SPLIT, BLOCK_M, BLOCK_N)
 
 
-def launch_dense_gemm(x2, w, scale, out, blocks: Blocks | None = None) -> None:
-    """x2 ([M, K], unit stride along K) · Wᵀ (· scale / 127 when `scale` is given) into out ([M, N])."""
+def launch_dense_gemm(x2, w, scale, out, blocks: Blocks | None = None, plain: bool = False) -> None:
+    """x2 ([M, K], unit stride along K) · Wᵀ (· scale / 127 when `scale` is given) into out ([M, N]); `plain` as
+    w8a16.launch_gemv's."""
     m, k = x2.shape
     n = w.shape[0]
     blocks, split = split_args(x2, out, blocks or gemm_blocks(m, n, k, bits=8 * w.element_size()))
@@ -202,7 +272,7 @@ def launch_dense_gemm(x2, w, scale, out, blocks: Blocks | None = None) -> None:
         x2, w, w if scale is None else scale, out, M=m, N=n, K=k, stride_xm=x2.stride(0), stride_om=out.stride(0),
         SCALED=scale is not None, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         FP32_DOT=interpreted(dense_gemm_kernel), PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-        num_warps=blocks.warps, num_stages=blocks.stages, **split)
+        CONVERT=CONVERT_PLAIN if plain else convert_mode(w, x2.dtype, dense_gemm_kernel), num_warps=blocks.warps, num_stages=blocks.stages, **split)
 
 
 @triton.jit

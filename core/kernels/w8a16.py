@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from core.kernels.tiling import (Blocks, gemv_blocks, gemv_grid, launch_dense_gemm, outputs, rows_of, segment,
-                                  three, three_rows)
+from core.kernels.tiling import (CONVERT_PLAIN, Blocks, convert_mode, gemv_blocks, gemv_grid, launch_dense_gemm,
+                                  outputs, rows_of, segment, three, three_rows)
 from core.kernels.tiling import row_dots as code_dots
 
 SCALE = 1.0 / 127.0  # CB holds round(127 · w / absmax(row))
@@ -37,41 +37,44 @@ def reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
 
 
 @triton.jit
-def row_dots(x_ptr, cb_ptr, scb_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def row_dots(x_ptr, cb_ptr, scb_ptr, rows, live, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             CONVERT: tl.constexpr):
     """fp32 [BLOCK_N]: x · dequantized(CB[row]) for each of `rows`: the int8 sums, then each row's scale once."""
-    dots = code_dots(x_ptr, cb_ptr, rows, live, K, BLOCK_N, BLOCK_K)
+    dots = code_dots(x_ptr, cb_ptr, rows, live, K, BLOCK_N, BLOCK_K, CONVERT)
     scale = tl.load(scb_ptr + rows, mask=live, other=0.0) * (1.0 / 127.0)  # CB = round(127 w / absmax)
     return dots * scale
 
 
 @triton.jit
 def gemv_kernel(x_ptr, w0, w1, w2, s0, s1, s2, o0, o1, o2, N0, N1, N2, K: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr, CONVERT: tl.constexpr):
     """One activation row against up to three weights (core.kernels.segments). With SILU_PAIR,
     weights 0 and 1 are an MLP's gate and up projections and o0 gets silu(gate) · up."""
     pid = tl.program_id(0)
     if SILU_PAIR:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N0
-        gate = row_dots(x_ptr, w0, s0, rows, live, K, BLOCK_N, BLOCK_K)
-        up = row_dots(x_ptr, w1, s1, rows, live, K, BLOCK_N, BLOCK_K)
+        gate = row_dots(x_ptr, w0, s0, rows, live, K, BLOCK_N, BLOCK_K, CONVERT)
+        up = row_dots(x_ptr, w1, s1, rows, live, K, BLOCK_N, BLOCK_K, CONVERT)
         tl.store(o0 + rows, (gate * tl.sigmoid(gate) * up).to(o0.dtype.element_ty), mask=live)
     else:
         w, s, o, n, first = segment(pid, N0, N1, N2, w0, w1, w2, s0, s1, s2, o0, o1, o2, BLOCK_N)
         rows = first + tl.arange(0, BLOCK_N)
         live = rows < n
-        tl.store(o + rows, row_dots(x_ptr, w, s, rows, live, K, BLOCK_N, BLOCK_K).to(o.dtype.element_ty),
+        tl.store(o + rows, row_dots(x_ptr, w, s, rows, live, K, BLOCK_N, BLOCK_K, CONVERT).to(o.dtype.element_ty),
                  mask=live)
 
 
 def launch_gemv(x: torch.Tensor, cbs: list[torch.Tensor], scbs: list[torch.Tensor], outs: list[torch.Tensor],
-                silu_pair: bool = False, blocks: Blocks | None = None) -> None:
-    """One activation row x ([1, K], unit stride) against up to three weights, into outs."""
+                silu_pair: bool = False, blocks: Blocks | None = None, plain: bool = False) -> None:
+    """One activation row x ([1, K], unit stride) against up to three weights, into outs. `plain` converts the
+    codes with Triton's own conversion instead of the byte permutes (the GPU tests compare the two)."""
     rows = [cb.shape[0] for cb in cbs]
     blocks = blocks or gemv_blocks(x.shape[-1], 8)
     gemv_kernel[gemv_grid(rows, blocks.block_n, silu_pair)](
         x, *three(cbs), *three(scbs), *three(outs), *three_rows(rows), K=x.shape[-1], BLOCK_N=blocks.block_n,
-        BLOCK_K=blocks.block_k, SILU_PAIR=silu_pair, num_warps=blocks.warps)
+        BLOCK_K=blocks.block_k, SILU_PAIR=silu_pair,
+        CONVERT=CONVERT_PLAIN if plain else convert_mode(cbs[0], torch.float32, gemv_kernel), num_warps=blocks.warps)
 
 
 @torch.library.custom_op("llm_app::w8a16_linear", mutates_args=())
