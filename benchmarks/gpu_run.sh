@@ -39,7 +39,8 @@ for stage in ${STAGES:-tests decode split}; do
         --compile-batches "${COMPILE_BATCHES:-1}" \
         --compile-mode "${COMPILE_MODE:-default}" --peers "${PEERS-int8wo,int4wo}" --prompt-len 128 --new "${NEW:-128}" \
         --repeats 1 --raw ${PROFILE:+--profile "$OUT/profiles.txt"} ${TIMELINE:+--timeline} --tokenizer "$WHL/tokenizer" \
-        --results "$OUT/decode.md" --json "$OUT/decode.json" 2>&1 | grep -v "Loading weights\|Writing model" | tail -60 ;;
+        --results "$OUT/decode.md" --json "$OUT/decode.json" 2>&1 | grep -v "Loading weights\|Writing model" \
+        | tee "$OUT/decode_log.txt" | tail -60 ;;
     serve) timeout "${SERVE_S:-420}" python3 benchmarks/serve.py --model llama8b --quant "${SERVE_QUANTS:-none,nf4,int8}" \
         --streams "${STREAMS:-1,16}" --rate "${RATE:-0}" --new "${NEW:-128}" --prompt-len 128 --tokenizer "$WHL/tokenizer" \
         --work "$WORK" --servings "${SERVINGS:-batched,one}" ${SERVE_COMPILE:+--compile} ${TIMELINE:+--timeline} \
