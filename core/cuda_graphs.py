@@ -31,7 +31,8 @@ int8 models only with the W8A16 kernel in its place. `compile_mode` is torch.com
 
 Also here, `defer_stop_checks`: generate() reads "all sequences finished?" from the GPU after every
 step, a host sync; transformers defers that check by one step on Apple GPUs only. Enabling it on
-CUDA saves ~1 ms a step (+8-12%); streamed tokens then arrive one step later.
+CUDA saves ~1 ms a step (+8-12%); streamed tokens then arrive one step later. It also crops the cache by 0 after
+every step, which the graphed cache skips (`GraphedStaticCache`).
 """
 
 from __future__ import annotations

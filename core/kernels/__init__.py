@@ -7,8 +7,8 @@
 - `attention`: a decode step's attention split over the key/value cache (flash-decoding), an attention
   implementation for transformers.
 - `gemv16`: 16-bit weights: a one-token GEMV, and the skinny GEMM for 2-16 rows.
-- `tiling`: tile shapes, the one launch over up to three weights that share an input, and the skinny
-  split-K GEMM of int8 and 16-bit weights.
+- `tiling`: tile shapes, the one launch over up to three weights that share an input, the skinny
+  split-K GEMM of int8 and 16-bit weights, and int8 codes converted to floats by byte permutes.
 - `layers`: which layers of a loaded model the kernels can read in place, one class per weight format.
 - `select`: ours or the library's, decided per shape by one measurement on the GPU.
 - `fusion`: a Llama attention's q/k/v, and an MLP's gate/up with SiLU, each in one launch.

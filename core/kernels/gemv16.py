@@ -30,7 +30,8 @@ def reference(x: torch.Tensor, weights: list[torch.Tensor], silu_pair: bool) -> 
 @triton.jit
 def gemv_kernel(x_ptr, w0, w1, w2, o0, o1, o2, N0, N1, N2, K: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, SILU_PAIR: tl.constexpr):
-    """One activation row against up to three weights; with SILU_PAIR, o0 = silu(x·W0ᵀ) · (x·W1ᵀ)."""
+    """One activation row against up to three weights; with SILU_PAIR, o0 = silu(x·W0ᵀ) · (x·W1ᵀ). (The last
+    argument of row_dots, 0, is tiling.CONVERT_PLAIN: 16-bit weights convert with Triton's own conversion.)"""
     pid = tl.program_id(0)
     if SILU_PAIR:
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -6,6 +6,8 @@ with an outlier threshold, gathers the outlier columns on the host: two host syn
 so no CUDA graph can hold it. Here the activations stay 16-bit: LLM.int8() with every activation
 column treated as an outlier column. Same stored bytes, no host sync, and each step reads the int8
 weights once (half of bf16's bytes). The per-row scale is applied once per output, after the sum.
+The codes become floats by byte permutes and one subtraction (core.kernels.tiling.converted), not by
+the integer-to-float instruction, whose rate bound the one-row kernel.
 
 Two kernels: a GEMV for one row of activations (batch-1 decode, the bandwidth-bound case; up to
 three layers sharing the input in one launch, see core.kernels.tiling) and the tiled `tl.dot` GEMM
