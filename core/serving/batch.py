@@ -301,7 +301,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     chunk = next((c for c in (1024, 512, 256) if vocab % c == 0 and vocab >= 8 * c), 0)
     if not chunk:
         return logits.argmax(-1)
-    best, where = logits.view(rows, vocab // chunk, chunk).max(-1)  # the first maximum of each chunk
+    best, where = logits.reshape(rows, vocab // chunk, chunk).max(-1)  # the first maximum of each chunk
     part = best.argmax(-1, keepdim=True)  # the first chunk holding the row's maximum
     return (where.gather(-1, part) + part * chunk).squeeze(-1)
 
