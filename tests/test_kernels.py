@@ -343,7 +343,7 @@ for silu in (False, True):
     b = gemv_blocks(4096, 8)
     compile(w8a16.gemv_kernel, {**x, **outs, **{w: "*i8" for w in ("w0", "w1", "w2")},
             **{s: "*fp32" for s in ("s0", "s1", "s2")}},
-            dict(K=4096, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
+            dict(K=4096, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SILU_PAIR=silu, CONVERT=tiling.CONVERT_F32), b.warps)
     b = gemv_blocks(4096, 16)
     compile(gemv16.gemv_kernel, {**x, **outs, **{w: "*bf16" for w in ("w0", "w1", "w2")}},
             dict(K=4096, BLOCK_N=b.block_n, BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
@@ -356,11 +356,12 @@ for silu in (False, True):
                      TABLE=(1, 2, 3, 4, 5, 6, 7, 8) if prmt else w4a16.NO_TABLE, BLOCK_N=b.block_n,
                      BLOCK_K=b.block_k, SILU_PAIR=silu), b.warps)
 split = {"partial_ptr": "*fp32", "count_ptr": "*i32"}
-for bits, weight in ((8, "*i8"), (16, "*bf16")):
+for bits, weight, act, convert in ((8, "*i8", "*bf16", tiling.CONVERT_BF16), (8, "*i8", "*fp16", tiling.CONVERT_F16),
+                                   (16, "*bf16", "*bf16", tiling.CONVERT_PLAIN)):
     g = gemm_blocks(8, 4096, 4096, bits)
-    compile(tiling.dense_gemm_kernel, {**x, "w_ptr": weight, "scale_ptr": "*fp32", "out_ptr": "*bf16", **split},
+    compile(tiling.dense_gemm_kernel, {"x_ptr": act, "w_ptr": weight, "scale_ptr": "*fp32", "out_ptr": act, **split},
             dict(K=4096, SCALED=bits == 8, SPLIT=g.split, BLOCK_M=16, BLOCK_N=g.block_n, BLOCK_K=g.block_k,
-                 FP32_DOT=False, PRECISION="tf32"), g.warps)
+                 FP32_DOT=False, PRECISION="tf32", CONVERT=convert), g.warps)
 g = gemm_blocks(8, 4096, 4096, 4, 64)
 for prmt, nested, pairs, parts in ((True, False, True, g.split), (True, True, False, 1), (False, False, False, 2)):
     compile(w4a16.gemm_kernel, {**x, "words_ptr": "*i32", "out_ptr": "*bf16",
