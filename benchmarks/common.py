@@ -59,6 +59,7 @@ def timeline(run, skip: int = 3) -> str:
     never waits is the bottleneck). The `skip` first and last replays are left out (capture, warm-up, the end)."""
     import json
     import tempfile
+    from pathlib import Path
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -66,7 +67,7 @@ def timeline(run, skip: int = 3) -> str:
         run()
     with tempfile.NamedTemporaryFile(suffix=".json") as handle:
         prof.export_chrome_trace(handle.name)
-        events = json.load(open(handle.name))["traceEvents"]
+        events = json.loads(Path(handle.name).read_text())["traceEvents"]
     return summarize_timeline(events, skip)
 
 

@@ -56,8 +56,12 @@ class GraphedStaticCache(StaticCache):
     in-place subtraction of 0 per layer, 32 kernels launched between two graph replays on an 8B model, ~35 µs a step
     (benchmarks/RESULTS.md). Layers whose crop(0) trims state (linear attention) are still cropped."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._crop_zero_is_noop = all(type(layer) in _NOOP_CROP_LAYERS for layer in self.layers)  # types are fixed
+
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove or not all(type(layer) in _NOOP_CROP_LAYERS for layer in self.layers):
+        if tokens_to_remove or not self._crop_zero_is_noop:
             super().crop(tokens_to_remove)
 
 

@@ -199,9 +199,10 @@ sub.f16x2 $1, $1, c;
 }""")
 
 
-def convert_mode(codes: torch.Tensor, to: torch.dtype, kernel) -> int:
-    """How a kernel converts `codes` to `to`: the byte-permute conversion for int8 codes on a GPU, else Triton's."""
-    if codes.dtype != torch.int8 or codes.device.type != "cuda" or interpreted(kernel):
+def convert_mode(codes: torch.Tensor, to: torch.dtype, kernel, plain: bool = False) -> int:
+    """How a kernel converts `codes` to `to`: the byte-permute conversion for int8 codes on a GPU, else (and with
+    `plain`, which the GPU tests compare against) Triton's own."""
+    if plain or codes.dtype != torch.int8 or codes.device.type != "cuda" or interpreted(kernel):
         return CONVERT_PLAIN
     modes = {torch.float32: CONVERT_F32, torch.bfloat16: CONVERT_BF16, torch.float16: CONVERT_F16}
     return modes.get(to, CONVERT_PLAIN)
@@ -273,8 +274,8 @@ def launch_dense_gemm(x2, w, scale, out, blocks: Blocks | None = None, plain: bo
         x2, w, w if scale is None else scale, out, M=m, N=n, K=k, stride_xm=x2.stride(0), stride_om=out.stride(0),
         SCALED=scale is not None, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
         FP32_DOT=interpreted(dense_gemm_kernel), PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-        CONVERT=CONVERT_PLAIN if plain else convert_mode(w, x2.dtype, dense_gemm_kernel), num_warps=blocks.warps,
-        num_stages=blocks.stages, **split)
+        CONVERT=convert_mode(w, x2.dtype, dense_gemm_kernel, plain), num_warps=blocks.warps, num_stages=blocks.stages,
+        **split)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from core.kernels.tiling import (CONVERT_PLAIN, Blocks, convert_mode, gemv_blocks, gemv_grid, launch_dense_gemm,
+from core.kernels.tiling import (Blocks, convert_mode, gemv_blocks, gemv_grid, launch_dense_gemm,
                                   outputs, rows_of, segment, three, three_rows)
 from core.kernels.tiling import row_dots as code_dots
 
@@ -75,8 +75,8 @@ def launch_gemv(x: torch.Tensor, cbs: list[torch.Tensor], scbs: list[torch.Tenso
     blocks = blocks or gemv_blocks(x.shape[-1], 8)
     gemv_kernel[gemv_grid(rows, blocks.block_n, silu_pair)](
         x, *three(cbs), *three(scbs), *three(outs), *three_rows(rows), K=x.shape[-1], BLOCK_N=blocks.block_n,
-        BLOCK_K=blocks.block_k, SILU_PAIR=silu_pair,
-        CONVERT=CONVERT_PLAIN if plain else convert_mode(cbs[0], torch.float32, gemv_kernel), num_warps=blocks.warps)
+        BLOCK_K=blocks.block_k, SILU_PAIR=silu_pair, CONVERT=convert_mode(cbs[0], torch.float32, gemv_kernel, plain),
+        num_warps=blocks.warps)
 
 
 @torch.library.custom_op("llm_app::w8a16_linear", mutates_args=())
